@@ -1,0 +1,68 @@
+"""maml_jax: gradient-based meta-learning as pure JAX functions."""
+
+from maml_jax.algorithms import fomaml, maml
+from maml_jax.core import (
+    adaptation_curve,
+    as_task_batch,
+    batch_meta_loss,
+    evaluate_loss,
+    inner_loop,
+    meta_value_and_grad,
+    sgd_update,
+    task_metrics,
+)
+from maml_jax.metrics import mean_ci95
+from maml_jax.models import MLP, classification_loss, regression_loss
+from maml_jax.tasks import (
+    SinusoidParams,
+    sample_sinusoid_params,
+    sample_sinusoid_tasks,
+    sinusoid,
+    sinusoid_tasks,
+)
+from maml_jax.train import (
+    MetaTrainState,
+    evaluate,
+    fit,
+    meta_train_step,
+    scan_train_steps,
+    summarize_curves,
+    train_step,
+)
+from maml_jax.types import Batch, MetaLearner, MetaParams, Params, Task
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MLP",
+    "Batch",
+    "MetaLearner",
+    "MetaParams",
+    "MetaTrainState",
+    "Params",
+    "SinusoidParams",
+    "Task",
+    "adaptation_curve",
+    "as_task_batch",
+    "batch_meta_loss",
+    "classification_loss",
+    "evaluate",
+    "evaluate_loss",
+    "fit",
+    "fomaml",
+    "inner_loop",
+    "maml",
+    "mean_ci95",
+    "meta_train_step",
+    "meta_value_and_grad",
+    "regression_loss",
+    "sample_sinusoid_params",
+    "sample_sinusoid_tasks",
+    "scan_train_steps",
+    "sgd_update",
+    "sinusoid",
+    "sinusoid_tasks",
+    "summarize_curves",
+    "task_metrics",
+    "train_step",
+]

@@ -1,0 +1,146 @@
+"""Trace-time checks that turn common mistakes into clear errors.
+
+All checks run on shapes and tree structures only, so they cost nothing at run
+time and work under ``jit``, ``vmap`` and ``grad``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from maml_jax.types import Aux, Task
+
+
+def check_positive_int(name: str, value: Any) -> int:
+    """Returns ``value`` if it is an ``int >= 1``, else raises a ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int >= 1; got {value!r}.")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1; got {value}.")
+    return int(value)
+
+
+def check_learning_rate(name: str, value: Any) -> Any:
+    """Checks a scalar or pytree learning rate; Python scalars must be finite, > 0."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a number or a pytree of arrays; got {value!r}.")
+    if isinstance(value, numbers.Real):
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{name} must be a finite number > 0; got {value!r}.")
+    elif value is None:
+        raise TypeError(f"{name} is required (a float or a pytree matching params).")
+    return value
+
+
+def check_lr_matches_params(name: str, lr: Any, params: Any) -> None:
+    """Checks that a pytree learning rate has the structure of ``params``.
+
+    Each leaf must be a scalar or have the shape of the matching parameter.
+    """
+    if _is_scalar(lr):
+        return
+    lr_def, params_def = jax.tree.structure(lr), jax.tree.structure(params)
+    if lr_def != params_def:
+        raise ValueError(
+            f"{name} is a pytree whose structure does not match params.\n"
+            f"  {name}: {lr_def}\n  params: {params_def}\n"
+            f"Pass a scalar, or a pytree with one leaf per parameter "
+            f"(e.g. jax.tree.map(lambda p: 0.01, params))."
+        )
+    for path, leaf_lr, leaf_p in zip(
+        _paths(params), jax.tree.leaves(lr), jax.tree.leaves(params), strict=True
+    ):
+        shape = jnp.shape(leaf_lr)
+        if shape not in ((), jnp.shape(leaf_p)):
+            raise ValueError(
+                f"{name} leaf at {path} has shape {shape}; it must be a scalar or "
+                f"match the parameter's shape {jnp.shape(leaf_p)}."
+            )
+
+
+def split_loss_output(out: Any, has_aux: bool, where: str) -> tuple[jax.Array, Aux]:
+    """Splits ``loss_fn``'s output into ``(loss, aux)`` and checks the loss is a scalar."""
+    if has_aux:
+        if not (isinstance(out, tuple) and len(out) == 2):
+            raise TypeError(
+                f"loss_fn was declared with has_aux=True, so it must return "
+                f"(loss, aux); got {type(out).__name__} in {where}."
+            )
+        loss, aux = out
+        if not isinstance(aux, dict):
+            raise TypeError(
+                f"loss_fn's aux must be a dict of arrays (e.g. {{'accuracy': acc}}); "
+                f"got {type(aux).__name__} in {where}."
+            )
+    else:
+        if isinstance(out, tuple):
+            raise TypeError(
+                f"loss_fn returned a tuple in {where}; if it returns (loss, aux), "
+                f"pass has_aux=True."
+            )
+        loss, aux = out, {}
+    if jnp.shape(loss) != ():
+        raise ValueError(
+            f"loss_fn must return a scalar loss; got shape {jnp.shape(loss)} in "
+            f"{where}. Reduce it (e.g. jnp.mean) inside loss_fn. If you passed a "
+            f"batch of tasks to a per-task function, use meta_value_and_grad."
+        )
+    if not jnp.issubdtype(jnp.result_type(loss), jnp.floating):
+        raise TypeError(f"loss_fn must return a floating-point loss; got {loss.dtype}.")
+    return loss, aux
+
+
+def check_task(task: Any, where: str) -> None:
+    """Checks that ``task`` is a ``Task`` whose support and query trees match."""
+    if not isinstance(task, Task):
+        raise TypeError(
+            f"{where} expects a maml_jax.Task(support, query); got {type(task).__name__}."
+        )
+    s_def, q_def = jax.tree.structure(task.support), jax.tree.structure(task.query)
+    if s_def != q_def:
+        raise ValueError(
+            f"{where}: task.support and task.query must have the same pytree "
+            f"structure.\n  support: {s_def}\n  query:   {q_def}"
+        )
+    if not jax.tree.leaves(task.support):
+        raise ValueError(f"{where}: task.support has no arrays.")
+
+
+def check_task_batch(tasks: Any, where: str) -> int:
+    """Checks a batch of tasks and returns the number of tasks (the leading axis)."""
+    check_task(tasks, where)
+    sizes = {}
+    for part in ("support", "query"):
+        tree = getattr(tasks, part)
+        for path, leaf in zip(_paths(tree), jax.tree.leaves(tree), strict=True):
+            shape = jnp.shape(leaf)
+            if not shape:
+                raise ValueError(
+                    f"{where}: task.{part}{path} is a scalar, but tasks need a "
+                    f"leading task axis: shape (num_tasks, ...). For a single task "
+                    f"use jax.tree.map(lambda x: x[None], task)."
+                )
+            sizes[f"{part}{path}"] = shape[0]
+    if len(set(sizes.values())) != 1:
+        listing = ", ".join(f"{k}: {v}" for k, v in sizes.items())
+        raise ValueError(
+            f"{where}: every leaf of the task batch must have the same leading task "
+            f"axis length; got {listing}. Did a leaf lose its task axis?"
+        )
+    return next(iter(sizes.values()))
+
+
+def _is_scalar(x: Any) -> bool:
+    return isinstance(x, numbers.Real) or (hasattr(x, "shape") and x.shape == ())
+
+
+def _paths(tree: Any) -> list[str]:
+    return [
+        jax.tree_util.keystr(path)
+        for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]
+    ]

@@ -1,0 +1,284 @@
+"""A Flax train state, a jitted meta-train step, evaluation and a thin ``fit`` loop."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+
+from maml_jax import _validation, core
+from maml_jax.metrics import mean_ci95
+from maml_jax.types import Aux, MetaLearner, MetaParams, Params, Task
+
+TaskSampler = Callable[[jax.Array], Task]
+"""``key -> Task`` batch; traced inside the jitted step (on-device sampling)."""
+
+
+class MetaTrainState(struct.PyTreeNode):
+    """Meta-training state in the style of ``flax.training.train_state.TrainState``.
+
+    Attributes:
+      step: number of meta-updates applied (an int32 scalar array).
+      meta_params: the meta-parameters being learned.
+      opt_state: the outer optimizer's state.
+      learner: the ``MetaLearner`` (static).
+      tx: the outer ``optax`` optimizer (static).
+      batching: how tasks are batched in ``core.meta_value_and_grad`` (static).
+      chunk_size: tasks per chunk for ``"scan"``/``"unroll"`` batching (static).
+    """
+
+    step: jax.Array
+    meta_params: MetaParams
+    opt_state: optax.OptState
+    learner: MetaLearner = struct.field(pytree_node=False)
+    tx: optax.GradientTransformation = struct.field(pytree_node=False)
+    batching: str = struct.field(pytree_node=False, default="vmap")
+    chunk_size: int | None = struct.field(pytree_node=False, default=None)
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        params: Params,
+        learner: MetaLearner,
+        tx: optax.GradientTransformation,
+        batching: core.TaskBatching = "vmap",
+        chunk_size: int | None = None,
+    ) -> MetaTrainState:
+        """Builds the state: ``meta_params = learner.init(params)``, step 0."""
+        if batching not in core.TASK_BATCHING:
+            raise ValueError(
+                f"batching must be one of {core.TASK_BATCHING}; got {batching!r}."
+            )
+        if chunk_size is not None:
+            _validation.check_positive_int("chunk_size", chunk_size)
+        meta_params = learner.init(params)
+        return cls(
+            step=jnp.zeros((), jnp.int32),
+            meta_params=meta_params,
+            opt_state=tx.init(meta_params),
+            learner=learner,
+            tx=tx,
+            batching=batching,
+            chunk_size=chunk_size,
+        )
+
+    def apply_gradients(self, *, grads: MetaParams) -> MetaTrainState:
+        """Applies one outer optimizer update and increments ``step``."""
+        updates, opt_state = self.tx.update(grads, self.opt_state, self.meta_params)
+        return self.replace(
+            step=self.step + 1,
+            meta_params=optax.apply_updates(self.meta_params, updates),
+            opt_state=opt_state,
+        )
+
+
+def train_step(state: MetaTrainState, tasks: Task) -> tuple[MetaTrainState, Aux]:
+    """One meta-update on a batch of tasks (not jitted; see ``meta_train_step``).
+
+    Returns:
+      ``(new_state, metrics)`` with scalar metrics: ``loss``, ``grad_norm`` and
+      the task-mean of every per-task aux value (pre/post adaptation losses...).
+    """
+    (loss, aux), grads = core.meta_value_and_grad(
+        state.learner,
+        state.meta_params,
+        tasks,
+        batching=state.batching,
+        chunk_size=state.chunk_size,
+    )
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    metrics.update({k: jnp.mean(v) for k, v in aux.items()})
+    return state.apply_gradients(grads=grads), metrics
+
+
+meta_train_step = jax.jit(train_step, donate_argnums=0)
+meta_train_step.__doc__ = """Jitted ``train_step`` with the state donated (updated in place).
+
+Do not reuse the ``state`` passed in: its buffers are given to the new state.
+"""
+
+
+def scan_train_steps(
+    state: MetaTrainState,
+    key: jax.Array,
+    sample_tasks: TaskSampler,
+    num_steps: int,
+) -> tuple[MetaTrainState, Aux]:
+    """``num_steps`` meta-updates in one ``lax.scan``, sampling tasks on device.
+
+    Step ``s`` (the global ``state.step``) draws its tasks from
+    ``jax.random.fold_in(key, s)``, so a run is identical whether it is split
+    into one call or many, and resuming from a saved state continues exactly.
+
+    Returns:
+      ``(new_state, metrics)`` with every metric stacked to shape ``(num_steps,)``.
+    """
+
+    def body(state, _):
+        tasks = sample_tasks(jax.random.fold_in(key, state.step))
+        return train_step(state, tasks)
+
+    return jax.lax.scan(body, state, None, length=num_steps)
+
+
+def evaluate(
+    learner: MetaLearner,
+    meta_params: MetaParams,
+    tasks: Task,
+    *,
+    num_steps: int,
+    batch_size: int | None = None,
+) -> dict[str, np.ndarray]:
+    """Adaptation curves on a fixed set of test tasks (runs jitted, on device).
+
+    Args:
+      learner: the learner whose ``adaptation_curve`` is evaluated.
+      meta_params: meta-parameters to adapt from.
+      tasks: test tasks with a leading task axis of length ``T``.
+      num_steps: inner steps at test time (the curve covers ``0..num_steps``).
+      batch_size: tasks evaluated at once (bounds memory); default all.
+
+    Returns:
+      Per-task arrays of shape ``(T, num_steps + 1)`` for each metric (e.g.
+      ``query_loss``, ``query_accuracy``), as NumPy arrays.
+    """
+    num_tasks = _validation.check_task_batch(tasks, "evaluate")
+    num_steps = _validation.check_positive_int("num_steps", num_steps)
+    batch_size = num_tasks if batch_size is None else min(batch_size, num_tasks)
+    curves = _evaluate_jit(learner, meta_params, tasks, num_steps, batch_size)
+    return {k: np.asarray(v) for k, v in curves.items()}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3, 4))
+def _evaluate_jit(learner, meta_params, tasks, num_steps, batch_size):
+    curve = functools.partial(learner.adaptation_curve, num_steps=num_steps)
+    return jax.lax.map(
+        lambda task: curve(meta_params, task), tasks, batch_size=batch_size
+    )
+
+
+def summarize_curves(curves: Mapping[str, np.ndarray]) -> dict[str, list[float]]:
+    """``{metric: per-step mean}`` and ``{metric_ci95: per-step half-width}``."""
+    summary = {}
+    for name, values in curves.items():
+        mean, ci = mean_ci95(values, axis=0)
+        summary[name] = mean.tolist()
+        summary[f"{name}_ci95"] = ci.tolist()
+    return summary
+
+
+def fit(
+    state: MetaTrainState,
+    sample_tasks: TaskSampler,
+    *,
+    key: jax.Array,
+    num_steps: int,
+    steps_per_call: int = 100,
+    eval_fn: Callable[[MetaTrainState], Mapping[str, float]] | None = None,
+    eval_every: int = 0,
+    metrics_path: str | os.PathLike | None = None,
+    progress: bool = True,
+    callbacks: tuple[Callable[[MetaTrainState, dict[str, Any]], None], ...] = (),
+) -> MetaTrainState:
+    """Meta-trains until ``state.step == num_steps``.
+
+    Each host call runs ``steps_per_call`` steps in one jitted ``lax.scan`` with
+    tasks sampled on device (``scan_train_steps``), so Python dispatch costs one
+    call per chunk. After each chunk the chunk-mean metrics are logged: to the
+    progress bar (loss, tasks/s), to ``metrics_path`` as one JSON object per
+    line, and to ``callbacks(state, record)``. ``eval_fn(state)`` runs every
+    ``eval_every`` steps (rounded up to a chunk boundary) and at the end.
+
+    Args:
+      state: the starting state; training continues from ``state.step``.
+      sample_tasks: ``key -> Task`` batch, traced into the step.
+      key: the run's PRNG key; step ``s`` uses ``fold_in(key, s)``.
+      num_steps: total number of meta-updates (not the number still to run).
+      steps_per_call: meta-steps per host call.
+      eval_fn: optional periodic evaluation returning scalar metrics.
+      eval_every: evaluation period in steps (0: only at the end).
+      metrics_path: JSON-lines file, appended to.
+      progress: show a tqdm progress bar.
+      callbacks: called after every chunk with the state and the logged record.
+
+    Returns:
+      The final state.
+    """
+    num_steps = int(num_steps)
+    if num_steps < 0:
+        raise ValueError(f"num_steps must be >= 0; got {num_steps}.")
+    steps_per_call = _validation.check_positive_int("steps_per_call", steps_per_call)
+    if eval_every < 0:
+        raise ValueError(f"eval_every must be >= 0; got {eval_every}.")
+    num_tasks = _num_tasks(sample_tasks, key)
+    log = open(metrics_path, "a") if metrics_path is not None else None  # noqa: SIM115
+    bar = _progress_bar(progress, int(state.step), num_steps)
+    last_eval = int(state.step)
+    try:
+        while int(state.step) < num_steps:
+            chunk = min(steps_per_call, num_steps - int(state.step))
+            t0 = time.perf_counter()
+            state, metrics = _scan_train_steps_jit(state, key, sample_tasks, chunk)
+            metrics = jax.device_get(metrics)
+            seconds = time.perf_counter() - t0
+            step = int(state.step)
+            record = {"step": step, **{k: float(np.mean(v)) for k, v in metrics.items()}}
+            record["tasks_per_s"] = chunk * num_tasks / seconds
+            if not np.isfinite(record["loss"]):
+                raise FloatingPointError(
+                    f"meta-loss became {record['loss']} at or before step {step}; "
+                    f"lower the learning rates or check the data."
+                )
+            due = step == num_steps or (eval_every and step - last_eval >= eval_every)
+            if eval_fn is not None and due:
+                record.update({f"eval/{k}": float(v) for k, v in eval_fn(state).items()})
+                last_eval = step
+            _write(log, record)
+            for callback in callbacks:
+                callback(state, record)
+            if bar is not None:
+                bar.update(chunk)
+                bar.set_postfix(
+                    loss=f"{record['loss']:.4g}",
+                    tasks_per_s=f"{record['tasks_per_s']:.0f}",
+                )
+    finally:
+        if bar is not None:
+            bar.close()
+        if log is not None:
+            log.close()
+    return state
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3), donate_argnums=0)
+def _scan_train_steps_jit(state, key, sample_tasks, num_steps):
+    return scan_train_steps(state, key, sample_tasks, num_steps)
+
+
+def _num_tasks(sample_tasks: TaskSampler, key: jax.Array) -> int:
+    shapes = jax.eval_shape(sample_tasks, key)
+    return jax.tree.leaves(shapes)[0].shape[0]
+
+
+def _write(log, record: dict[str, Any]) -> None:
+    if log is not None:
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+
+
+def _progress_bar(enabled: bool, start: int, total: int):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
