@@ -28,7 +28,9 @@ def check_positive_int(name: str, value: Any) -> int:
 def check_learning_rate(name: str, value: Any) -> Any:
     """Checks a scalar or pytree learning rate; Python scalars must be finite, > 0."""
     if isinstance(value, bool):
-        raise TypeError(f"{name} must be a number or a pytree of arrays; got {value!r}.")
+        raise TypeError(
+            f"{name} must be a number or a pytree of arrays; got {value!r}."
+        )
     if isinstance(value, numbers.Real):
         if not math.isfinite(value) or value <= 0:
             raise ValueError(f"{name} must be a finite number > 0; got {value!r}.")
@@ -64,7 +66,7 @@ def check_lr_matches_params(name: str, lr: Any, params: Any) -> None:
 
 
 def split_loss_output(out: Any, has_aux: bool, where: str) -> tuple[jax.Array, Aux]:
-    """Splits ``loss_fn``'s output into ``(loss, aux)`` and checks the loss is a scalar."""
+    """Splits ``loss_fn``'s output into ``(loss, aux)``; checks the loss is a scalar."""
     if has_aux:
         if not (isinstance(out, tuple) and len(out) == 2):
             raise TypeError(
@@ -99,7 +101,8 @@ def check_task(task: Any, where: str) -> None:
     """Checks that ``task`` is a ``Task`` whose support and query trees match."""
     if not isinstance(task, Task):
         raise TypeError(
-            f"{where} expects a maml_jax.Task(support, query); got {type(task).__name__}."
+            f"{where} expects a maml_jax.Task(support, query); "
+            f"got {type(task).__name__}."
         )
     s_def, q_def = jax.tree.structure(task.support), jax.tree.structure(task.query)
     if s_def != q_def:

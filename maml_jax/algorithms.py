@@ -131,4 +131,3 @@ def fomaml(
         remat=remat,
         has_aux=has_aux,
     )
-

@@ -246,8 +246,10 @@ def meta_value_and_grad(
             learner, meta_params, tasks
         )
 
-    chunk = 1 if chunk_size is None else _validation.check_positive_int(
-        "chunk_size", chunk_size
+    chunk = (
+        1
+        if chunk_size is None
+        else _validation.check_positive_int("chunk_size", chunk_size)
     )
     if num_tasks % chunk:
         raise ValueError(
@@ -294,4 +296,3 @@ def _tree_add(a: Any, b: Any) -> Any:
 def as_task_batch(task: Task) -> Task:
     """Adds a leading task axis of length 1 to every leaf of a single task."""
     return jax.tree.map(lambda x: jnp.asarray(x)[None], task)
-

@@ -54,14 +54,18 @@ class MetaTrainState(struct.PyTreeNode):
         batching: core.TaskBatching = "vmap",
         chunk_size: int | None = None,
     ) -> MetaTrainState:
-        """Builds the state: ``meta_params = learner.init(params)``, step 0."""
+        """Builds the state: ``meta_params = learner.init(params)``, step 0.
+
+        The meta-parameters are copied, so donating the state to
+        ``meta_train_step`` or ``fit`` never invalidates the caller's ``params``.
+        """
         if batching not in core.TASK_BATCHING:
             raise ValueError(
                 f"batching must be one of {core.TASK_BATCHING}; got {batching!r}."
             )
         if chunk_size is not None:
             _validation.check_positive_int("chunk_size", chunk_size)
-        meta_params = learner.init(params)
+        meta_params = jax.tree.map(jnp.array, learner.init(params))
         return cls(
             step=jnp.zeros((), jnp.int32),
             meta_params=meta_params,
@@ -96,13 +100,13 @@ def train_step(state: MetaTrainState, tasks: Task) -> tuple[MetaTrainState, Aux]
         batching=state.batching,
         chunk_size=state.chunk_size,
     )
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
     metrics.update({k: jnp.mean(v) for k, v in aux.items()})
     return state.apply_gradients(grads=grads), metrics
 
 
 meta_train_step = jax.jit(train_step, donate_argnums=0)
-meta_train_step.__doc__ = """Jitted ``train_step`` with the state donated (updated in place).
+meta_train_step.__doc__ = """Jitted ``train_step``; the state is donated (in place).
 
 Do not reuse the ``state`` passed in: its buffers are given to the new state.
 """
@@ -232,7 +236,10 @@ def fit(
             metrics = jax.device_get(metrics)
             seconds = time.perf_counter() - t0
             step = int(state.step)
-            record = {"step": step, **{k: float(np.mean(v)) for k, v in metrics.items()}}
+            record = {
+                "step": step,
+                **{k: float(np.mean(v)) for k, v in metrics.items()},
+            }
             record["tasks_per_s"] = chunk * num_tasks / seconds
             if not np.isfinite(record["loss"]):
                 raise FloatingPointError(
@@ -241,7 +248,9 @@ def fit(
                 )
             due = step == num_steps or (eval_every and step - last_eval >= eval_every)
             if eval_fn is not None and due:
-                record.update({f"eval/{k}": float(v) for k, v in eval_fn(state).items()})
+                record.update(
+                    {f"eval/{k}": float(v) for k, v in eval_fn(state).items()}
+                )
                 last_eval = step
             _write(log, record)
             for callback in callbacks:

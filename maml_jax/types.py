@@ -10,7 +10,7 @@ Params = Any
 """A pytree of arrays: the parameters a ``loss_fn`` is evaluated at."""
 
 MetaParams = Any
-"""A pytree of meta-parameters (MAML: the initialisation; Meta-SGD: ``(params, lrs)``)."""
+"""A pytree of meta-parameters (MAML: the initialisation; Meta-SGD: params and lrs)."""
 
 Batch = Any
 """Any pytree of arrays a ``loss_fn`` understands, e.g. ``(inputs, targets)``."""
@@ -32,7 +32,7 @@ class Task(NamedTuple):
 
 
 class LossFn(Protocol):
-    """``loss_fn(params, batch) -> loss`` or ``-> (loss, aux)`` with ``has_aux=True``."""
+    """``loss_fn(params, batch) -> loss``, or ``(loss, aux)`` with ``has_aux=True``."""
 
     def __call__(self, params: Params, batch: Batch) -> Any: ...
 
@@ -46,7 +46,9 @@ class AdaptFn(Protocol):
 
 
 class MetaLossFn(Protocol):
-    def __call__(self, meta_params: MetaParams, task: Task) -> tuple[jax.Array, Aux]: ...
+    def __call__(
+        self, meta_params: MetaParams, task: Task
+    ) -> tuple[jax.Array, Aux]: ...
 
 
 class CurveFn(Protocol):

@@ -1,0 +1,1 @@
+"""Paper protocols as runnable experiments (used by the CLI and ``benchmarks/``)."""

@@ -1,0 +1,75 @@
+"""Closed-form task families and reference computations for the tests."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from maml_jax import Task
+
+
+def linear_loss(w, batch):
+    """Mean squared error of a linear model: ``mean((x @ w - y) ** 2)``."""
+    x, y = batch
+    return jnp.mean((x @ w - y) ** 2)
+
+
+def linear_grad(w, batch):
+    x, y = batch
+    return 2.0 / x.shape[0] * x.T @ (x @ w - y)
+
+
+def linear_hessian(batch):
+    x, _ = batch
+    return 2.0 / x.shape[0] * x.T @ x
+
+
+def linear_tasks(key, num_tasks=4, num_support=6, num_query=8, dim=3):
+    """Random linear-regression tasks in float64 with a leading task axis."""
+    k1, k2, k3, k4, k5 = jax.random.split(key, 5)
+    w_true = jax.random.normal(k1, (num_tasks, dim), jnp.float64)
+    xs = jax.random.normal(k2, (num_tasks, num_support, dim), jnp.float64)
+    xq = jax.random.normal(k3, (num_tasks, num_query, dim), jnp.float64)
+    ys = jnp.einsum("tnd,td->tn", xs, w_true)
+    ys = ys + 0.1 * jax.random.normal(k4, ys.shape, jnp.float64)
+    yq = jnp.einsum("tnd,td->tn", xq, w_true)
+    yq = yq + 0.1 * jax.random.normal(k5, yq.shape, jnp.float64)
+    return Task(support=(xs, ys), query=(xq, yq))
+
+
+def task_at(tasks, i):
+    return jax.tree.map(lambda x: x[i], tasks)
+
+
+def mlp_params(key, sizes=(1, 8, 8, 1), dtype=jnp.float64):
+    """A plain-JAX MLP parameter list (no Flax)."""
+    params = []
+    for k, (m, n) in zip(
+        jax.random.split(key, len(sizes) - 1),
+        zip(sizes[:-1], sizes[1:], strict=True),
+        strict=True,
+    ):
+        kw, kb = jax.random.split(k)
+        params.append(
+            {
+                "w": jax.random.normal(kw, (m, n), dtype) / np.sqrt(m),
+                "b": 0.1 * jax.random.normal(kb, (n,), dtype),
+            }
+        )
+    return params
+
+
+def mlp_apply(params, x):
+    for layer in params[:-1]:
+        x = jnp.tanh(x @ layer["w"] + layer["b"][None])
+    return x @ params[-1]["w"] + params[-1]["b"][None]
+
+
+def mlp_loss(params, batch):
+    x, y = batch
+    return jnp.mean((mlp_apply(params, x) - y) ** 2)
+
+
+def mlp_loss_with_aux(params, batch):
+    x, y = batch
+    error = mlp_apply(params, x) - y
+    return jnp.mean(error**2), {"mae": jnp.mean(jnp.abs(error))}

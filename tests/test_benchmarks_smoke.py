@@ -1,0 +1,45 @@
+"""Every benchmark script's --smoke mode, the CLI and the README's quick start run."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_sinusoid_smoke(tmp_path):
+    from maml_jax.experiments import sinusoid
+
+    results = sinusoid.main(["--smoke", "--no-progress", "--out", str(tmp_path)])
+    for name in ("maml", "pretrained"):
+        entry = results["learners"][name]
+        assert set(entry["5shot"]) == {"0", "1", "5", "10"}
+        assert entry["step_ms_median"] > 0 and entry["compile_s"] > 0
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["learners"]["maml"]["steps"] == 200
+    assert (tmp_path / "sinusoid.png").stat().st_size > 10_000
+    assert len((tmp_path / "metrics_maml.jsonl").read_text().splitlines()) == 2
+
+
+def test_cli_help_and_unknown_command():
+    run = lambda *a: subprocess.run(
+        [sys.executable, "-m", "maml_jax.cli", *a], capture_output=True, text=True
+    )
+    assert run("--help").returncode == 0
+    bad = run("nope")
+    assert bad.returncode == 2 and "unknown command 'nope'" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+def test_readme_quick_start_runs():
+    readme = (ROOT / "README.md").read_text()
+    code = re.search(r"## Quick start\s+```python\n(.*?)```", readme, re.S).group(1)
+    code = code.replace("range(1000)", "range(20)")
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert float(namespace["loss"]) > 0

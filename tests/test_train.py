@@ -1,0 +1,162 @@
+"""Tests for the train state, the jitted step, evaluation and ``fit``."""
+
+import json
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import maml_jax
+from maml_jax import train
+
+NUM_TASKS, K = 5, 10
+
+
+def _setup(seed=0, lr=1e-3, learner=None):
+    model = maml_jax.MLP(hidden_sizes=(16, 16))
+    params = model.init(jax.random.key(seed), jnp.zeros((1, 1)))["params"]
+    learner = learner or maml_jax.maml(
+        maml_jax.regression_loss(model.apply), inner_lr=0.01, num_inner_steps=1
+    )
+    state = maml_jax.MetaTrainState.create(
+        params=params, learner=learner, tx=optax.adam(lr)
+    )
+    return state, learner
+
+
+def _sampler(key):
+    return maml_jax.sample_sinusoid_tasks(key, NUM_TASKS, K, K)
+
+
+def test_apply_gradients_matches_optax():
+    state, _ = _setup()
+    grads = jax.tree.map(jnp.ones_like, state.meta_params)
+    new = state.apply_gradients(grads=grads)
+    updates, _ = optax.adam(1e-3).update(grads, state.opt_state, state.meta_params)
+    chex.assert_trees_all_close(
+        new.meta_params, optax.apply_updates(state.meta_params, updates)
+    )
+    assert int(new.step) == 1
+
+
+def test_meta_train_step_equals_manual_update_and_traces_once():
+    state, learner = _setup()
+    tasks = _sampler(jax.random.key(1))
+    (_, _), grads = maml_jax.meta_value_and_grad(learner, state.meta_params, tasks)
+    expected = state.apply_gradients(grads=grads).meta_params
+
+    step = jax.jit(chex.assert_max_traces(train.train_step, n=1), donate_argnums=0)
+    new_state, metrics = step(state, tasks)
+    chex.assert_trees_all_close(new_state.meta_params, expected, rtol=1e-5)
+    for key in ("loss", "grad_norm", "query_loss_pre", "support_loss_post"):
+        assert metrics[key].shape == ()
+    for seed in (2, 3):
+        new_state, _ = step(new_state, _sampler(jax.random.key(seed)))
+    assert int(new_state.step) == 3
+
+
+def test_public_meta_train_step_runs_and_donates():
+    state, _ = _setup()
+    new_state, metrics = maml_jax.meta_train_step(state, _sampler(jax.random.key(1)))
+    assert int(new_state.step) == 1 and np.isfinite(float(metrics["loss"]))
+
+
+def test_state_rejects_unknown_batching():
+    with pytest.raises(ValueError, match="batching must be one of"):
+        state, learner = _setup()
+        maml_jax.MetaTrainState.create(
+            params=state.meta_params, learner=learner, tx=optax.sgd(1.0), batching="x"
+        )
+
+
+def test_fit_is_deterministic_and_independent_of_steps_per_call(tmp_path):
+    key = jax.random.key(42)
+    finals = []
+    for steps_per_call in (4, 4, 3):
+        state, _ = _setup()
+        state = maml_jax.fit(
+            state,
+            _sampler,
+            key=key,
+            num_steps=12,
+            steps_per_call=steps_per_call,
+            progress=False,
+        )
+        finals.append(state.meta_params)
+    chex.assert_trees_all_equal(finals[0], finals[1])
+    chex.assert_trees_all_close(finals[0], finals[2], rtol=1e-6)
+
+
+def test_fit_resumes_where_it_stopped():
+    key = jax.random.key(7)
+    full, _ = _setup()
+    full = maml_jax.fit(full, _sampler, key=key, num_steps=10, progress=False)
+    part, _ = _setup()
+    part = maml_jax.fit(part, _sampler, key=key, num_steps=6, progress=False)
+    part = maml_jax.fit(part, _sampler, key=key, num_steps=10, progress=False)
+    chex.assert_trees_all_close(full.meta_params, part.meta_params, rtol=1e-6)
+
+
+def test_fit_writes_metrics_and_evaluates(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    state, learner = _setup()
+    test_tasks = maml_jax.sample_sinusoid_tasks(jax.random.key(9), 20, K, K)
+
+    def eval_fn(state):
+        curves = maml_jax.evaluate(learner, state.meta_params, test_tasks, num_steps=2)
+        return {"query_loss_1": curves["query_loss"][:, 1].mean()}
+
+    seen = []
+    maml_jax.fit(
+        state,
+        _sampler,
+        key=jax.random.key(0),
+        num_steps=9,
+        steps_per_call=3,
+        eval_fn=eval_fn,
+        eval_every=6,
+        metrics_path=path,
+        progress=True,
+        callbacks=(lambda s, r: seen.append(r["step"]),),
+    )
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["step"] for r in records] == [3, 6, 9] == seen
+    assert "eval/query_loss_1" in records[1] and "eval/query_loss_1" in records[2]
+    assert "eval/query_loss_1" not in records[0]
+    assert all(r["tasks_per_s"] > 0 and np.isfinite(r["loss"]) for r in records)
+
+
+def test_fit_learns_sinusoids():
+    state, learner = _setup(lr=3e-3)
+    test_tasks = maml_jax.sample_sinusoid_tasks(jax.random.key(9), 50, K, K)
+    before = maml_jax.evaluate(learner, state.meta_params, test_tasks, num_steps=1)
+    state = maml_jax.fit(
+        state, _sampler, key=jax.random.key(1), num_steps=1500, progress=False
+    )
+    after = maml_jax.evaluate(learner, state.meta_params, test_tasks, num_steps=1)
+    assert after["query_loss"][:, 1].mean() < 0.5 * before["query_loss"][:, 1].mean()
+
+
+def test_fit_stops_on_non_finite_loss():
+    state, _ = _setup(lr=1e-3)
+    nan_sampler = lambda key: jax.tree.map(lambda x: x * jnp.nan, _sampler(key))
+    with pytest.raises(FloatingPointError, match="meta-loss became nan"):
+        maml_jax.fit(
+            state, nan_sampler, key=jax.random.key(0), num_steps=2, progress=False
+        )
+
+
+def test_evaluate_shapes_and_summary():
+    state, learner = _setup()
+    tasks = maml_jax.sample_sinusoid_tasks(jax.random.key(3), 30, 5, 20)
+    curves = maml_jax.evaluate(
+        learner, state.meta_params, tasks, num_steps=3, batch_size=7
+    )
+    assert curves["query_loss"].shape == (30, 4)
+    full = maml_jax.evaluate(learner, state.meta_params, tasks, num_steps=3)
+    np.testing.assert_allclose(curves["query_loss"], full["query_loss"], rtol=1e-5)
+    summary = maml_jax.summarize_curves(curves)
+    assert len(summary["query_loss"]) == 4 and len(summary["query_loss_ci95"]) == 4
