@@ -1,6 +1,7 @@
 """maml_jax: gradient-based meta-learning as pure JAX functions."""
 
 from maml_jax.algorithms import fomaml, maml
+from maml_jax.checkpoint import Checkpointer, CorruptCheckpointError, RestoredCheckpoint
 from maml_jax.core import (
     adaptation_curve,
     as_task_batch,
@@ -11,8 +12,9 @@ from maml_jax.core import (
     sgd_update,
     task_metrics,
 )
+from maml_jax.episodes import EpisodeSpec, sample_episode, sample_episodes
 from maml_jax.metrics import mean_ci95
-from maml_jax.models import MLP, classification_loss, regression_loss
+from maml_jax.models import MLP, Conv4, classification_loss, regression_loss
 from maml_jax.tasks import (
     SinusoidParams,
     sample_sinusoid_params,
@@ -34,6 +36,13 @@ from maml_jax.types import Batch, MetaLearner, MetaParams, Params, Task
 __version__ = "0.1.0"
 
 __all__ = [
+    "Checkpointer",
+    "Conv4",
+    "CorruptCheckpointError",
+    "EpisodeSpec",
+    "RestoredCheckpoint",
+    "sample_episode",
+    "sample_episodes",
     "MLP",
     "Batch",
     "MetaLearner",

@@ -110,3 +110,170 @@ def _unpack(batch: Any) -> tuple[Any, Any]:
             f"expected a batch (inputs, targets); got {type(batch).__name__}."
         )
     return batch[0], batch[1]
+
+
+def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int, impl: str) -> jax.Array:
+    """A 3×3 ``SAME`` convolution of NHWC ``x`` with an HWIO ``kernel``.
+
+    Args:
+      x: ``(N, H, W, C_in)``.
+      kernel: ``(3, 3, C_in, C_out)``.
+      stride: 1 or 2.
+      impl: ``"lax"`` (``lax.conv_general_dilated``) or ``"im2col"`` (the nine
+        shifted, strided slices concatenated and one matmul). Both give the same
+        values; under ``vmap`` over tasks with per-task kernels, ``"lax"`` becomes
+        a grouped convolution, which XLA:CPU runs slowly, while ``"im2col"``
+        becomes a batched matmul.
+
+    Returns:
+      ``(N, ceil(H / stride), ceil(W / stride), C_out)``.
+    """
+    if impl == "lax":
+        return jax.lax.conv_general_dilated(
+            x,
+            kernel,
+            window_strides=(stride, stride),
+            padding="SAME",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+    if impl != "im2col":
+        raise ValueError(f"conv impl must be 'lax' or 'im2col'; got {impl!r}.")
+    kh, kw, c_in, c_out = kernel.shape
+    n, h, w, _ = x.shape
+    h_out, w_out = -(-h // stride), -(-w // stride)
+    # SAME padding as lax: total pad = max((out - 1) * stride + k - in, 0).
+    pad_h = max((h_out - 1) * stride + kh - h, 0)
+    pad_w = max((w_out - 1) * stride + kw - w, 0)
+    x = jnp.pad(
+        x,
+        (
+            (0, 0),
+            (pad_h // 2, pad_h - pad_h // 2),
+            (pad_w // 2, pad_w - pad_w // 2),
+            (0, 0),
+        ),
+    )
+    patches = jnp.concatenate(
+        [
+            x[
+                :,
+                i : i + (h_out - 1) * stride + 1 : stride,
+                j : j + (w_out - 1) * stride + 1 : stride,
+            ]
+            for i in range(kh)
+            for j in range(kw)
+        ],
+        axis=-1,
+    )
+    return patches @ kernel.reshape(kh * kw * c_in, c_out)
+
+
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+    """2×2 max-pool, stride 2, ``VALID`` (odd sizes are floored), of NHWC ``x``.
+
+    Written as the max of four strided slices: the same values as
+    ``reduce_window``, whose gradient is much slower on XLA:CPU.
+    """
+    h, w = x.shape[1] // 2 * 2, x.shape[2] // 2 * 2
+    x = x[:, :h, :w]
+    return jnp.maximum(
+        jnp.maximum(x[:, 0::2, 0::2], x[:, 1::2, 0::2]),
+        jnp.maximum(x[:, 0::2, 1::2], x[:, 1::2, 1::2]),
+    )
+
+
+NORMS = ("transductive", "inductive", "none")
+
+
+class Conv4(nn.Module):
+    """The four-block convolutional network of the MAML paper (Finn et al., 2017).
+
+    Each block: 3×3 convolution (``filters`` channels) → normalisation → ReLU →
+    downsampling (stride-2 convolution for Omniglot, 2×2 max-pool for
+    mini-ImageNet); then a linear head on the mean over space (Omniglot) or the
+    flattened features (mini-ImageNet).
+
+    Normalisation (``norm``), always without running averages, so the model is
+    a pure function of ``(params, inputs)``:
+
+    * ``"transductive"`` (default; what the original MAML code and learn2learn's
+      examples do): batch norm with the statistics of the current batch, at train
+      and test time. Predictions for one query example depend on the other query
+      examples of the same batch.
+    * ``"inductive"``: each example is normalised by its own statistics over
+      (H, W, C) with a per-channel scale and offset, so a prediction depends on
+      that example alone.
+    * ``"none"``.
+
+    Attributes:
+      num_classes: width of the output (the ``ways``).
+      filters: channels of every block (64 Omniglot, 32 mini-ImageNet).
+      downsample: ``"stride"`` or ``"maxpool"``.
+      head: ``"mean"`` (global average over space) or ``"flatten"``.
+      norm: see above.
+      norm_scale: learn a per-channel scale in the norm (the original code learns
+        only the offset).
+      conv_impl: ``"lax"`` or ``"im2col"`` (see ``conv2d``; same values).
+
+    Inputs ``(N, H, W, C)`` give logits ``(N, num_classes)``.
+    """
+
+    num_classes: int
+    filters: int = 64
+    downsample: str = "stride"
+    head: str = "mean"
+    norm: str = "transductive"
+    norm_scale: bool = True
+    conv_impl: str = "lax"
+    eps: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if x.ndim != 4:
+            raise ValueError(
+                f"Conv4 expects images (N, H, W, C); got shape {x.shape}. A task "
+                f"batch goes through meta_value_and_grad, which strips the task axis."
+            )
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}; got {self.norm!r}.")
+        if self.downsample not in ("stride", "maxpool"):
+            raise ValueError("downsample must be 'stride' or 'maxpool'.")
+        stride = 2 if self.downsample == "stride" else 1
+        for block in range(4):
+            kernel = self.param(
+                f"conv{block}_kernel",
+                nn.initializers.lecun_normal(),
+                (3, 3, x.shape[-1], self.filters),
+            )
+            bias = self.param(
+                f"conv{block}_bias", nn.initializers.zeros, (self.filters,)
+            )
+            x = conv2d(x, kernel, stride=stride, impl=self.conv_impl) + _channels(bias)
+            x = self._normalize(x, block)
+            x = nn.relu(x)
+            if self.downsample == "maxpool":
+                x = max_pool_2x2(x)
+        x = x.mean(axis=(1, 2)) if self.head == "mean" else x.reshape(x.shape[0], -1)
+        return nn.Dense(self.num_classes, name="head")(x)
+
+    def _normalize(self, x: jax.Array, block: int) -> jax.Array:
+        if self.norm == "none":
+            return x
+        axes = (0, 1, 2) if self.norm == "transductive" else (1, 2, 3)
+        mean = x.mean(axis=axes, keepdims=True)
+        var = jnp.mean(jnp.square(x - mean), axis=axes, keepdims=True)
+        x = (x - mean) * jax.lax.rsqrt(var + self.eps)
+        if self.norm_scale:
+            scale = self.param(
+                f"norm{block}_scale", nn.initializers.ones, (self.filters,)
+            )
+            x = x * _channels(scale)
+        offset = self.param(
+            f"norm{block}_offset", nn.initializers.zeros, (self.filters,)
+        )
+        return x + _channels(offset)
+
+
+def _channels(v: jax.Array) -> jax.Array:
+    """Reshapes a per-channel vector to broadcast against NHWC activations."""
+    return v.reshape(1, 1, 1, -1)

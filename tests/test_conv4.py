@@ -1,0 +1,96 @@
+"""Conv4: shapes, equivalent formulations and normalisation modes."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import maml_jax
+from maml_jax import models
+
+
+@pytest.mark.parametrize(
+    "kwargs,image,features",
+    [
+        (dict(filters=64, downsample="stride", head="mean"), (28, 28, 1), 64),
+        (dict(filters=32, downsample="maxpool", head="flatten"), (84, 84, 3), 800),
+    ],
+)
+def test_shapes(kwargs, image, features):
+    model = models.Conv4(num_classes=5, **kwargs)
+    params = model.init(jax.random.key(0), jnp.zeros((2, *image)))["params"]
+    assert params["head"]["kernel"].shape == (features, 5)
+    assert model.apply({"params": params}, jnp.ones((3, *image))).shape == (3, 5)
+    with pytest.raises(ValueError, match=r"expects images \(N, H, W, C\)"):
+        model.apply({"params": params}, jnp.ones(image))
+
+
+@pytest.mark.parametrize("stride,size", [(1, 7), (2, 7), (2, 8), (1, 5)])
+def test_im2col_convolution_equals_lax(stride, size):
+    kx, kk = jax.random.split(jax.random.key(1))
+    x = jax.random.normal(kx, (2, size, size, 3), jnp.float64)
+    kernel = jax.random.normal(kk, (3, 3, 3, 4), jnp.float64)
+    np.testing.assert_allclose(
+        models.conv2d(x, kernel, stride=stride, impl="im2col"),
+        models.conv2d(x, kernel, stride=stride, impl="lax"),
+        rtol=1e-12,
+        atol=1e-12,
+    )
+
+
+def test_slice_max_pool_equals_reduce_window():
+    x = jax.random.normal(jax.random.key(2), (2, 11, 10, 3), jnp.float64)
+    ref = jax.lax.reduce_window(
+        x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID"
+    )
+    np.testing.assert_array_equal(models.max_pool_2x2(x), ref)
+
+
+def _task(key, ways=3, image=(16, 16, 1)):
+    kx, kq = jax.random.split(key)
+    xs = jax.random.normal(kx, (ways, *image), jnp.float64)
+    xq = jax.random.normal(kq, (2 * ways, *image), jnp.float64)
+    return maml_jax.Task(
+        support=(xs, jnp.arange(ways)), query=(xq, jnp.tile(jnp.arange(ways), 2))
+    )
+
+
+@pytest.mark.parametrize("downsample", ["stride", "maxpool"])
+def test_second_order_meta_gradient_is_the_same_for_both_conv_impls(downsample):
+    task = _task(jax.random.key(3))
+    head = "mean" if downsample == "stride" else "flatten"
+    grads = {}
+    for impl in ("lax", "im2col"):
+        model = models.Conv4(
+            num_classes=3, filters=4, downsample=downsample, head=head, conv_impl=impl
+        )
+        params = model.init(jax.random.key(4), task.support[0])["params"]
+        params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
+        learner = maml_jax.maml(
+            models.classification_loss(model.apply),
+            inner_lr=0.4,
+            num_inner_steps=2,
+            has_aux=True,
+        )
+        grads[impl] = jax.grad(lambda p, f=learner.meta_loss: f(p, task)[0])(params)
+    chex.assert_trees_all_close(grads["lax"], grads["im2col"], rtol=1e-9, atol=1e-12)
+
+
+def test_normalisation_modes():
+    x = jax.random.normal(jax.random.key(5), (4, 12, 12, 1))
+    outputs = {}
+    for norm in ("transductive", "inductive", "none"):
+        model = models.Conv4(num_classes=2, filters=4, norm=norm)
+        params = model.init(jax.random.key(0), x)["params"]
+        full = model.apply({"params": params}, x)
+        alone = model.apply({"params": params}, x[:1])
+        outputs[norm] = (full, alone)
+    # Transductive: example 0's prediction depends on the rest of the batch.
+    assert not np.allclose(*[o[0] for o in outputs["transductive"]], atol=1e-4)
+    # Inductive and none: it does not.
+    for norm in ("inductive", "none"):
+        full, alone = outputs[norm]
+        np.testing.assert_allclose(full[0], alone[0], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="norm must be one of"):
+        models.Conv4(num_classes=2, norm="batch").init(jax.random.key(0), x)
