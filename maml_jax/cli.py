@@ -1,34 +1,164 @@
 """The ``maml-jax`` command line.
 
-``maml-jax sinusoid [options]`` meta-trains MAML on the sinusoid protocol of the
-MAML paper and writes results, a metrics log and a figure (``--help`` lists the
-options).
+* ``maml-jax train --preset omniglot-5w1s --data-dir DIR --out runs/NAME`` —
+  meta-train a few-shot classifier (progress bar, validation, metrics, plots,
+  checkpoints; ``--resume`` continues a stopped run exactly).
+* ``maml-jax eval --run runs/NAME --data-dir DIR`` — test accuracy ± 95% CI.
+* ``maml-jax sinusoid [options]`` — the MAML paper's sinusoid regression.
+
+Errors in what the user gave print one line and exit with status 2 (``--debug``
+shows the traceback).
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
+from pathlib import Path
 
-COMMANDS = {"sinusoid": "maml_jax.experiments.sinusoid"}
+EXIT_USAGE = 2
+
+
+def _debug_flag(parser) -> None:
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="show the full traceback on errors",
+    )
+
+
+def _train_parser(sub) -> None:
+    from maml_jax.experiments.few_shot import PRESETS
+
+    p = sub.add_parser("train", help="meta-train a few-shot classifier")
+    _debug_flag(p)
+    p.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        required=True,
+        help="folder with the dataset files (e.g. Omniglot's zips)",
+    )
+    p.add_argument("--out", type=Path, required=True, help="run directory")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its last checkpoint",
+    )
+    p.add_argument("--no-progress", action="store_true")
+    for name, kind in (
+        ("steps", int),
+        ("ways", int),
+        ("shots", int),
+        ("queries", int),
+        ("meta-batch", int),
+        ("inner-steps", int),
+        ("inner-lr", float),
+        ("test-inner-steps", int),
+        ("outer-lr", float),
+        ("seed", int),
+        ("eval-every", int),
+        ("val-episodes", int),
+        ("checkpoint-every", int),
+        ("steps-per-call", int),
+        ("chunk-size", int),
+    ):
+        p.add_argument(f"--{name}", type=kind)
+    p.add_argument("--algorithm", choices=("maml", "fomaml"))
+    p.add_argument("--norm", choices=("transductive", "inductive", "none"))
+    p.add_argument("--conv-impl", choices=("lax", "im2col"))
+    p.add_argument("--batching", choices=("vmap", "scan", "unroll"))
+
+
+def _eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="test accuracy of a trained run")
+    _debug_flag(p)
+    p.add_argument("--run", type=Path, required=True)
+    p.add_argument("--data-dir", type=Path, required=True)
+    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--episodes", type=int, default=600)
+    p.add_argument("--inner-steps", type=int, help="default: the preset's test steps")
+
+
+def _run_train(args) -> None:
+    from maml_jax.experiments import few_shot
+
+    overrides = {
+        k: v
+        for k, v in vars(args).items()
+        if k
+        not in (
+            "command",
+            "preset",
+            "data_dir",
+            "out",
+            "resume",
+            "no_progress",
+            "debug",
+        )
+    }
+    config = few_shot.FewShotConfig.from_preset(args.preset, **overrides)
+    if args.resume and any(v is not None for k, v in overrides.items() if k != "steps"):
+        raise ValueError(
+            "--resume takes the run's saved configuration; only --steps may change."
+        )
+    if not args.data_dir.is_dir():
+        raise FileNotFoundError(
+            f"--data-dir {args.data_dir} does not exist or is not a folder."
+        )
+    state = few_shot.train(
+        config,
+        args.data_dir,
+        args.out,
+        resume=args.resume,
+        progress=not args.no_progress,
+    )
+    print(f"trained to step {int(state.step)}; run directory {args.out}")
+
+
+def _run_eval(args) -> None:
+    from maml_jax.experiments import few_shot
+
+    if args.episodes < 2:
+        raise ValueError(f"--episodes must be >= 2; got {args.episodes}.")
+    results = few_shot.evaluate_run(
+        args.run,
+        args.data_dir,
+        split=args.split,
+        episodes_count=args.episodes,
+        inner_steps=args.inner_steps,
+    )
+    print(few_shot.format_results(results))
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        names = ", ".join(COMMANDS)
-        message = f"usage: maml-jax {{{names}}} [options]   (maml-jax NAME --help)"
-        if argv and argv[0] not in ("-h", "--help"):
-            print(
-                f"maml-jax: unknown command {argv[0]!r}; choose from {names}.",
-                file=sys.stderr,
-            )
-            print(message, file=sys.stderr)
-            return 2
-        print(message)
-        return 0
-    import importlib
+    if argv and argv[0] == "sinusoid":
+        from maml_jax.experiments import sinusoid
 
-    importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
+        sinusoid.main(argv[1:])
+        return 0
+    parser = argparse.ArgumentParser(
+        prog="maml-jax", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument(
+        "--debug", action="store_true", help="show the full traceback on errors"
+    )
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="{train,eval,sinusoid}"
+    )
+    _train_parser(sub)
+    _eval_parser(sub)
+    sub.add_parser("sinusoid", help="sinusoid regression (maml-jax sinusoid --help)")
+    args = parser.parse_args(argv)
+    try:
+        {"train": _run_train, "eval": _run_eval}[args.command](args)
+    except (ValueError, TypeError, OSError, FloatingPointError) as error:
+        if args.debug:
+            raise
+        print(f"maml-jax {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
     return 0
 
 

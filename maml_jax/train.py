@@ -196,11 +196,12 @@ def fit(
 ) -> MetaTrainState:
     """Meta-trains until ``state.step == num_steps``.
 
-    Each host call runs ``steps_per_call`` steps in one jitted ``lax.scan`` with
-    tasks sampled on device (``scan_train_steps``), so Python dispatch costs one
-    call per chunk. After each chunk the chunk-mean metrics are logged: to the
-    progress bar (loss, tasks/s), to ``metrics_path`` as one JSON object per
-    line, and to ``callbacks(state, record)``. ``eval_fn(state)`` runs every
+    Each host call runs up to ``steps_per_call`` steps in one jitted ``lax.scan``
+    with tasks sampled on device (``scan_train_steps``), so Python dispatch costs
+    one call per chunk; chunks end at multiples of ``steps_per_call``. After each
+    chunk the chunk-mean metrics are logged: to the progress bar (loss, query
+    accuracy if the loss reports one, tasks/s), to ``metrics_path`` as one JSON
+    object per line, and to ``callbacks(state, record)``. ``eval_fn(state)`` runs every
     ``eval_every`` steps (rounded up to a chunk boundary) and at the end.
 
     Args:
@@ -230,7 +231,11 @@ def fit(
     last_eval = int(state.step)
     try:
         while int(state.step) < num_steps:
-            chunk = min(steps_per_call, num_steps - int(state.step))
+            # Chunks end on multiples of steps_per_call, so a resumed run runs
+            # the same chunks (hence the same compiled programs) as an
+            # uninterrupted one.
+            step = int(state.step)
+            chunk = min(steps_per_call - step % steps_per_call, num_steps - step)
             t0 = time.perf_counter()
             state, metrics = _scan_train_steps_jit(state, key, sample_tasks, chunk)
             metrics = jax.device_get(metrics)
@@ -257,10 +262,7 @@ def fit(
                 callback(state, record)
             if bar is not None:
                 bar.update(chunk)
-                bar.set_postfix(
-                    loss=f"{record['loss']:.4g}",
-                    tasks_per_s=f"{record['tasks_per_s']:.0f}",
-                )
+                bar.set_postfix(_bar_fields(record))
     finally:
         if bar is not None:
             bar.close()
@@ -272,6 +274,17 @@ def fit(
 @functools.partial(jax.jit, static_argnums=(2, 3), donate_argnums=0)
 def _scan_train_steps_jit(state, key, sample_tasks, num_steps):
     return scan_train_steps(state, key, sample_tasks, num_steps)
+
+
+def _bar_fields(record: dict[str, Any]) -> dict[str, str]:
+    fields = {"loss": f"{record['loss']:.4g}"}
+    if "query_accuracy_post" in record:
+        fields["acc"] = f"{record['query_accuracy_post']:.3f}"
+    for name, value in record.items():
+        if name.startswith("eval/"):
+            fields[name[5:]] = f"{value:.4g}"
+    fields["tasks/s"] = f"{record['tasks_per_s']:.0f}"
+    return fields
 
 
 def _num_tasks(sample_tasks: TaskSampler, key: jax.Array) -> int:

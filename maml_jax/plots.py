@@ -1,0 +1,56 @@
+"""Plots of training runs (matplotlib, headless)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def learning_curve(metrics_path, png_path, *, title: str = "") -> Path:
+    """Plots the meta-training curves logged by ``fit`` to a PNG.
+
+    Left: the meta-loss (query loss after adaptation) per logged step. Right: the
+    query accuracy before/after adaptation on training tasks and, where logged,
+    the validation accuracy (``eval/val_accuracy``); if no accuracy was logged,
+    the query loss before/after adaptation instead.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [
+        json.loads(line)
+        for line in Path(metrics_path).read_text().splitlines()
+        if line.strip()
+    ]
+    steps = [r["step"] for r in records]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ax_loss.plot(steps, [r["loss"] for r in records], lw=0.8)
+    ax_loss.set_xlabel("meta-step")
+    ax_loss.set_ylabel("meta-loss")
+    ax_loss.set_yscale("log")
+    has_accuracy = bool(records) and "query_accuracy_post" in records[0]
+    name = "query_accuracy" if has_accuracy else "query_loss"
+    for suffix, label in (("_pre", "before adaptation"), ("_post", "after adaptation")):
+        ax_acc.plot(
+            steps,
+            [r.get(name + suffix) for r in records],
+            lw=0.8,
+            label=f"train {label}",
+        )
+    evals = [
+        (r["step"], r["eval/val_accuracy"]) for r in records if "eval/val_accuracy" in r
+    ]
+    if evals:
+        ax_acc.plot(*zip(*evals, strict=True), "o-", label="validation")
+    ax_acc.set_xlabel("meta-step")
+    ax_acc.set_ylabel(name.replace("_", " "))
+    ax_acc.legend(fontsize=8)
+    ax_acc.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return Path(png_path)
