@@ -1,5 +1,8 @@
 """Test configuration: float64 for gradient checks, strict rank promotion."""
 
+import os
+from pathlib import Path
+
 import jax
 import pytest
 
@@ -10,3 +13,32 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 @pytest.fixture
 def key():
     return jax.random.key(0)
+
+
+OMNIGLOT_DIR = Path(
+    os.environ.get("MAML_JAX_OMNIGLOT_DIR")
+    or Path(__file__).resolve().parents[1].parent / "shared" / "data" / "omniglot"
+)
+
+
+@pytest.fixture(scope="session")
+def omniglot_dir() -> Path:
+    """The folder with the real Omniglot archives (a failure under CI=true)."""
+    for name in ("images_background.zip", "images_evaluation.zip"):
+        if not (OMNIGLOT_DIR / name).is_file():
+            message = (
+                f"Omniglot archive {OMNIGLOT_DIR / name} is missing; set "
+                f"MAML_JAX_OMNIGLOT_DIR to the folder holding the Omniglot zips."
+            )
+            if os.environ.get("CI", "").lower() == "true":
+                pytest.fail(message)
+            pytest.skip(message)
+    return OMNIGLOT_DIR
+
+
+@pytest.fixture(scope="session")
+def dataset_cache(tmp_path_factory) -> Path:
+    """A session-wide dataset cache, so tests never write to the user's cache."""
+    path = tmp_path_factory.mktemp("maml_jax_cache")
+    os.environ["MAML_JAX_CACHE_DIR"] = str(path)
+    return path

@@ -1,0 +1,229 @@
+"""``maml-jax train`` / ``eval`` on the real Omniglot files: smoke, resume, errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from maml_jax import cli
+from maml_jax.experiments import few_shot
+
+# Small but real: paper 5-way 1-shot episodes, a smaller meta-batch for speed.
+SMALL = [
+    "--preset",
+    "omniglot-5w1s",
+    "--meta-batch",
+    "4",
+    "--val-episodes",
+    "8",
+    "--steps-per-call",
+    "2",
+    "--eval-every",
+    "2",
+    "--checkpoint-every",
+    "2",
+    "--no-progress",
+]
+
+
+def _train(omniglot_dir, out, *extra):
+    argv = ["train", *SMALL, "--data-dir", str(omniglot_dir), "--out", str(out), *extra]
+    assert cli.main(argv) == 0
+
+
+def _final_params(run_dir):
+    from maml_jax.checkpoint import Checkpointer
+
+    config = few_shot.FewShotConfig(**json.loads((run_dir / "config.json").read_text()))
+    _, params, learner, tx = few_shot.build_learner(config, (28, 28, 1))
+    import maml_jax
+
+    template = maml_jax.MetaTrainState.create(params=params, learner=learner, tx=tx)
+    with Checkpointer(run_dir / "checkpoints") as checkpointer:
+        return checkpointer.restore(template)
+
+
+@pytest.mark.slow
+def test_train_eval_and_exact_resume(omniglot_dir, dataset_cache, tmp_path, capsys):
+    full, part = tmp_path / "full", tmp_path / "part"
+    _train(omniglot_dir, full, "--steps", "4")
+    records = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4]
+    assert all("eval/val_accuracy" in r for r in records)
+    assert (full / "learning_curve.png").stat().st_size > 10_000
+
+    # Stop after 2 steps, resume to 4: identical parameters and optimizer state,
+    # and a metrics log with every logged step exactly once.
+    _train(omniglot_dir, part, "--steps", "2")
+    assert (
+        cli.main(
+            [
+                "train",
+                "--preset",
+                "omniglot-5w1s",
+                "--data-dir",
+                str(omniglot_dir),
+                "--out",
+                str(part),
+                "--resume",
+                "--steps",
+                "4",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    a, b = _final_params(full), _final_params(part)
+    assert a.step == b.step == 4
+    for x, y in zip(
+        __import__("jax").tree.leaves(a.state),
+        __import__("jax").tree.leaves(b.state),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(x, y)
+    resumed = [
+        json.loads(x)["step"] for x in (part / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert resumed == [2, 4]
+
+    capsys.readouterr()
+    assert (
+        cli.main(
+            [
+                "eval",
+                "--run",
+                str(full),
+                "--data-dir",
+                str(omniglot_dir),
+                "--episodes",
+                "20",
+            ]
+        )
+        == 0
+    )
+    table = capsys.readouterr().out
+    assert "| 3 |" in table and "accuracy" in table
+    results = json.loads((full / "test_results.json").read_text())
+    assert len(results["accuracy"]) == 4 and results["episodes"] == 20
+    assert results["trained_steps"] == 4 and "jax" in results["versions"]
+
+
+def _run_cli(*args, env_extra=None):
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "maml_jax.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--ways", "5000"], "ways=5000 is more than the 4112 classes"),
+        (["--shots", "15", "--queries", "10"], "is more than the 20 examples"),
+        (["--inner-lr", "-1"], "--inner-lr must be a finite number > 0"),
+        (["--meta-batch", "0"], "--meta-batch must be >= 1"),
+        (["--eval-every", "3"], "must be a multiple of --steps-per-call"),
+    ],
+)
+def test_bad_train_input_is_one_clear_line(
+    omniglot_dir, dataset_cache, tmp_path, extra, message
+):
+    done = _run_cli(
+        "train",
+        "--preset",
+        "omniglot-5w1s",
+        "--data-dir",
+        str(omniglot_dir),
+        "--out",
+        str(tmp_path / "run"),
+        *extra,
+    )
+    assert done.returncode == 2
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_missing_data_dir_and_unknown_preset(tmp_path):
+    done = _run_cli(
+        "train",
+        "--preset",
+        "omniglot-5w1s",
+        "--data-dir",
+        str(tmp_path / "nowhere"),
+        "--out",
+        str(tmp_path / "run"),
+    )
+    assert done.returncode == 2 and "does not exist" in done.stderr
+    assert "Traceback" not in done.stderr
+    done = _run_cli(
+        "train",
+        "--preset",
+        "omniglot-7w1s",
+        "--data-dir",
+        str(tmp_path),
+        "--out",
+        str(tmp_path / "run"),
+    )
+    assert done.returncode == 2 and "invalid choice" in done.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    done = _run_cli(
+        "train",
+        "--preset",
+        "omniglot-5w1s",
+        "--data-dir",
+        str(empty),
+        "--out",
+        str(tmp_path / "run"),
+    )
+    assert done.returncode == 2 and "images_background.zip" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_existing_run_needs_resume_and_eval_needs_a_run(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    done = _run_cli(
+        "train",
+        "--preset",
+        "omniglot-5w1s",
+        "--data-dir",
+        str(tmp_path),
+        "--out",
+        str(run),
+    )
+    assert done.returncode == 2 and "already holds a run" in done.stderr
+    done = _run_cli(
+        "eval", "--run", str(tmp_path / "none"), "--data-dir", str(tmp_path)
+    )
+    assert done.returncode == 2 and "not a training run" in done.stderr
+    debug = _run_cli(
+        "eval", "--run", str(tmp_path / "none"), "--data-dir", str(tmp_path), "--debug"
+    )
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_presets_match_the_paper():
+    p = few_shot.PRESETS
+    assert (
+        p["omniglot-5w1s"]["inner_lr"] == 0.4 and p["omniglot-5w1s"]["meta_batch"] == 32
+    )
+    assert (
+        p["omniglot-20w1s"]["inner_steps"] == 5
+        and p["omniglot-20w1s"]["inner_lr"] == 0.1
+    )
+    assert p["miniimagenet-5w1s"]["queries"] == 15
+    assert p["miniimagenet-5w5s"]["meta_batch"] == 2
+    config = few_shot.FewShotConfig.from_preset("omniglot-5w1s")
+    assert config.spec.rotations and config.steps == 60_000
+    with pytest.raises(ValueError, match="unknown preset"):
+        few_shot.FewShotConfig.from_preset("cifar")
