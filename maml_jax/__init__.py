@@ -1,6 +1,6 @@
 """maml_jax: gradient-based meta-learning as pure JAX functions."""
 
-from maml_jax.algorithms import fomaml, maml
+from maml_jax.algorithms import anil, fomaml, maml
 from maml_jax.checkpoint import Checkpointer, CorruptCheckpointError, RestoredCheckpoint
 from maml_jax.core import (
     adaptation_curve,
@@ -13,8 +13,10 @@ from maml_jax.core import (
     task_metrics,
 )
 from maml_jax.episodes import EpisodeSpec, sample_episode, sample_episodes
+from maml_jax.meta_sgd import maml_plus_plus, meta_sgd, msl_weights
 from maml_jax.metrics import mean_ci95
 from maml_jax.models import MLP, Conv4, classification_loss, regression_loss
+from maml_jax.reptile import reptile, reptile_meta_optimizer
 from maml_jax.tasks import (
     SinusoidParams,
     sample_sinusoid_params,
@@ -36,6 +38,12 @@ from maml_jax.types import Batch, MetaLearner, MetaParams, Params, Task
 __version__ = "0.1.0"
 
 __all__ = [
+    "anil",
+    "maml_plus_plus",
+    "meta_sgd",
+    "msl_weights",
+    "reptile",
+    "reptile_meta_optimizer",
     "Checkpointer",
     "Conv4",
     "CorruptCheckpointError",

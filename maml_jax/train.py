@@ -93,8 +93,11 @@ def train_step(state: MetaTrainState, tasks: Task) -> tuple[MetaTrainState, Aux]
       ``(new_state, metrics)`` with scalar metrics: ``loss``, ``grad_norm`` and
       the task-mean of every per-task aux value (pre/post adaptation losses...).
     """
+    learner = state.learner
+    if learner.at_step is not None:
+        learner = learner.at_step(state.step)
     (loss, aux), grads = core.meta_value_and_grad(
-        state.learner,
+        learner,
         state.meta_params,
         tasks,
         batching=state.batching,

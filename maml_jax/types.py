@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
 import jax
@@ -66,9 +67,14 @@ class MetaLearner(NamedTuple):
       adaptation_curve: ``(meta_params, task, num_steps) -> aux`` whose leaves
         have shape ``(num_steps + 1,)``: query (and support) metrics after
         ``0..num_steps`` inner steps, for evaluation. ``num_steps`` is static.
+      at_step: optional ``outer_step -> MetaLearner``: the learner to use at a
+        given (traced) outer step, for algorithms whose meta-loss is annealed
+        during training (MAML++'s multi-step loss). ``None`` when the learner
+        does not change; the train step calls it when present.
     """
 
     init: InitFn
     adapt: AdaptFn
     meta_loss: MetaLossFn
     adaptation_curve: CurveFn
+    at_step: Callable[[jax.Array], MetaLearner] | None = None

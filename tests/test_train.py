@@ -48,6 +48,7 @@ def test_meta_train_step_equals_manual_update_and_traces_once():
     (_, _), grads = maml_jax.meta_value_and_grad(learner, state.meta_params, tasks)
     expected = state.apply_gradients(grads=grads).meta_params
 
+    chex.clear_trace_counter()
     step = jax.jit(chex.assert_max_traces(train.train_step, n=1), donate_argnums=0)
     new_state, metrics = step(state, tasks)
     chex.assert_trees_all_close(new_state.meta_params, expected, rtol=1e-5)
