@@ -16,6 +16,7 @@ from maml_jax.episodes import EpisodeSpec, sample_episode, sample_episodes
 from maml_jax.meta_sgd import maml_plus_plus, meta_sgd, msl_weights
 from maml_jax.metrics import mean_ci95
 from maml_jax.models import MLP, Conv4, classification_loss, regression_loss
+from maml_jax.protonets import class_prototypes, protonet, prototype_logits
 from maml_jax.reptile import reptile, reptile_meta_optimizer
 from maml_jax.tasks import (
     SinusoidParams,
@@ -38,6 +39,9 @@ from maml_jax.types import Batch, MetaLearner, MetaParams, Params, Task
 __version__ = "0.1.0"
 
 __all__ = [
+    "class_prototypes",
+    "protonet",
+    "prototype_logits",
     "anil",
     "maml_plus_plus",
     "meta_sgd",

@@ -206,7 +206,9 @@ class Conv4(nn.Module):
     * ``"none"``.
 
     Attributes:
-      num_classes: width of the output (the ``ways``).
+      num_classes: width of the output (the ``ways``), or ``None`` to return the
+        features (``(N, filters)`` with ``head="mean"``, ``(N, h·w·filters)`` with
+        ``head="flatten"``): an embedding for ``protonet``.
       filters: channels of every block (64 Omniglot, 32 mini-ImageNet).
       downsample: ``"stride"`` or ``"maxpool"``.
       head: ``"mean"`` (global average over space) or ``"flatten"``.
@@ -218,7 +220,7 @@ class Conv4(nn.Module):
     Inputs ``(N, H, W, C)`` give logits ``(N, num_classes)``.
     """
 
-    num_classes: int
+    num_classes: int | None
     filters: int = 64
     downsample: str = "stride"
     head: str = "mean"
@@ -254,6 +256,8 @@ class Conv4(nn.Module):
             if self.downsample == "maxpool":
                 x = max_pool_2x2(x)
         x = x.mean(axis=(1, 2)) if self.head == "mean" else x.reshape(x.shape[0], -1)
+        if self.num_classes is None:
+            return x
         return nn.Dense(self.num_classes, name="head")(x)
 
     def _normalize(self, x: jax.Array, block: int) -> jax.Array:

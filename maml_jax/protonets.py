@@ -1,0 +1,301 @@
+"""Prototypical Networks: a metric-based learner behind the ``MetaLearner`` contract.
+
+ProtoNets take no inner gradient step: a task is "adapted to" by averaging the
+support embeddings of each class into a prototype, and a query example is
+classified by a softmax over its negative distances to the prototypes. Sharing
+``Task``, ``MetaLearner`` and its aux keys with ``maml`` lets ProtoNets use the
+same train loop, ``evaluate`` and benchmarks as the gradient-based learners.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Literal, Protocol
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from maml_jax import _validation
+from maml_jax.types import Aux, Batch, MetaLearner, Params, Task
+
+Distance = Literal["sqeuclidean", "cosine"]
+DISTANCES = ("sqeuclidean", "cosine")
+_COSINE_EPS = 1e-16  # floor on squared norms (norms below 1e-8 count as 1e-8).
+
+
+class EmbedFn(Protocol):
+    """``embed_fn(params, inputs) -> embeddings`` of shape ``(num_examples, dim)``."""
+
+    def __call__(self, params: Params, inputs: Any) -> jax.Array: ...
+
+
+def class_prototypes(embeddings: jax.Array, labels: jax.Array, ways: int) -> jax.Array:
+    r"""Class means of the embeddings: ``c_k = (1/|S_k|) Σ_{i: y_i = k} f(x_i)``.
+
+    Computed as a one-hot matmul, so it works under ``jit``, ``vmap`` and
+    ``grad`` and allows any number of examples per class (unbalanced shots). A
+    class with no example (``|S_k| = 0``) gets the zero vector: the sum is
+    divided by ``max(|S_k|, 1)``, so nothing becomes NaN. Labels outside
+    ``[0, ways)`` are not checked (their values are traced) and are ignored.
+
+    Args:
+      embeddings: ``(n, d)`` floating-point embeddings ``f(x_i)``.
+      labels: ``(n,)`` integer labels ``y_i`` in ``[0, ways)``.
+      ways: the number of classes ``N`` (static).
+
+    Returns:
+      The prototypes, ``(ways, d)``, in the dtype of ``embeddings``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> emb = jnp.array([[0.0, 0.0], [4.0, 0.0], [0.0, 2.0], [4.0, 2.0]])
+      >>> class_prototypes(emb, jnp.array([0, 1, 0, 1]), 3).tolist()
+      [[0.0, 1.0], [4.0, 1.0], [0.0, 0.0]]
+    """
+    one_hot = jax.nn.one_hot(labels, ways, dtype=embeddings.dtype)  # (n, ways)
+    counts = jnp.sum(one_hot, axis=0)
+    return (one_hot.T @ embeddings) / jnp.maximum(counts, 1)[:, None]
+
+
+def prototype_logits(
+    embeddings: jax.Array, prototypes: jax.Array, distance: Distance = "sqeuclidean"
+) -> jax.Array:
+    r"""Negative distances ``logits_{ik} = −d(f(x_i), c_k)``.
+
+    ``"sqeuclidean"``: ``d(z, c) = ‖z − c‖²`` (the paper's choice, which makes
+    the classifier linear in ``z``). ``"cosine"``: ``d(z, c) = 1 − z·c /
+    (max(‖z‖, ε) max(‖c‖, ε))`` with ``ε = 1e-8``, so a zero vector is at
+    cosine 0 to everything.
+
+    Args:
+      embeddings: ``(n, d)``.
+      prototypes: ``(ways, d)``.
+      distance: ``"sqeuclidean"`` or ``"cosine"``.
+
+    Returns:
+      ``(n, ways)`` logits.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> z = jnp.array([[1.0, 1.0]]); c = jnp.array([[0.0, 1.0], [4.0, 1.0]])
+      >>> prototype_logits(z, c).tolist()
+      [[-1.0, -9.0]]
+    """
+    if distance == "sqeuclidean":
+        diff = embeddings[:, None, :] - prototypes[None, :, :]
+        return -jnp.sum(jnp.square(diff), axis=-1)
+    if distance == "cosine":
+        return _unit(embeddings) @ _unit(prototypes).T - 1
+    raise ValueError(f"distance must be one of {DISTANCES}; got {distance!r}.")
+
+
+def protonet(
+    embed_fn: EmbedFn,
+    *,
+    ways: int,
+    distance: Distance = "sqeuclidean",
+    scale: float = 1.0,
+) -> MetaLearner:
+    r"""Prototypical Networks (ProtoNets) as a ``MetaLearner``.
+
+    With embedding ``f_θ = embed_fn(θ, ·)`` and a support set ``S`` whose
+    examples of class ``k`` form ``S_k``, the prototypes and the query
+    class probabilities are
+
+    .. math::
+
+      c_k = \frac{1}{|S_k|} \sum_{(x_i, y_i) \in S_k} f_θ(x_i), \qquad
+      p_θ(y = k \mid x) = \frac{\exp(−s\, d(f_θ(x), c_k))}
+                               {\sum_{k'} \exp(−s\, d(f_θ(x), c_{k'}))},
+
+    and the meta-loss is the mean query cross-entropy
+    ``L = −(1/|Q|) Σ_{(x, y) ∈ Q} log p_θ(y | x)``, differentiated through the
+    prototypes with ``jax.grad``. There is no inner gradient step.
+
+    ``embed_fn`` plays the role ``loss_fn`` plays for ``maml``; the batches of a
+    ``Task`` are ``(inputs, labels)`` with ``inputs`` anything ``embed_fn``
+    accepts (one leading example axis) and integer ``labels`` of shape
+    ``(num_examples,)`` in ``[0, ways)``, e.g. the episodes of
+    ``sample_episodes``. Any number of support examples per class is allowed;
+    a class without one gets a zero prototype (see ``class_prototypes``). Label
+    values are traced, so they are not range-checked.
+
+    Support and query are embedded by separate ``embed_fn`` calls, so a model
+    whose output depends on the whole batch (``Conv4``'s transductive batch
+    norm) normalises each with its own statistics, as ``maml`` does.
+
+    The learner's functions:
+
+    * ``init(params) -> params`` (identity: the meta-parameters are ``θ``).
+    * ``adapt(θ, support) -> (θ, prototypes)``: the task's classifier, the
+      embedding parameters and the ``(ways, dim)`` prototypes; predict with
+      ``scale * prototype_logits(embed_fn(θ, x), prototypes, distance)``.
+    * ``meta_loss(θ, task) -> (L, aux)`` with ``maml``'s aux keys
+      ``support_loss_pre/post``, ``query_loss_pre/post`` and
+      ``query_accuracy_pre/post``. With no inner step, pre and post are the
+      same value: the metrics of the prototype classifier. The support loss
+      classifies the support examples by the prototypes they define.
+    * ``adaptation_curve(θ, task, num_steps)``: ``support_loss``,
+      ``query_loss``, ``query_accuracy`` of shape ``(num_steps + 1,)``,
+      constant along the steps, so curves compare with MAML's at every step.
+
+    Args:
+      embed_fn: ``embed_fn(params, inputs) -> (num_examples, dim)`` embeddings.
+      ways: ``N``, the number of classes per task (static; labels are in
+        ``[0, ways)``).
+      distance: ``"sqeuclidean"`` (default, as in the paper) or ``"cosine"``.
+      scale: ``s > 0``, a fixed factor on the logits (an inverse temperature);
+        mostly useful with ``"cosine"``, whose logits lie in ``[−2, 0]``.
+
+    Returns:
+      A ``MetaLearner`` with ``init``, ``adapt``, ``meta_loss`` and
+      ``adaptation_curve``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from maml_jax import Task
+      >>> from maml_jax.protonets import protonet
+      >>> embed_fn = lambda w, x: x @ w  # a linear embedding
+      >>> learner = protonet(embed_fn, ways=2)
+      >>> support = (jnp.array([[0.0, 0.0], [4.0, 0.0], [0.0, 2.0], [4.0, 2.0]]),
+      ...            jnp.array([0, 1, 0, 1]))
+      >>> query = (jnp.array([[0.0, 1.0], [4.0, 1.0]]), jnp.array([0, 1]))
+      >>> task = Task(support=support, query=query)
+      >>> _, prototypes = learner.adapt(jnp.eye(2), support)
+      >>> prototypes.tolist()
+      [[0.0, 1.0], [4.0, 1.0]]
+      >>> loss, aux = learner.meta_loss(jnp.eye(2), task)
+      >>> float(aux["query_accuracy_post"]), bool(loss < 1e-6)  # log(1 + e^-16)
+      (1.0, True)
+
+    References:
+      Snell, Swersky & Zemel, "Prototypical Networks for Few-shot Learning",
+      NeurIPS 2017.
+    """
+    if not callable(embed_fn):
+        raise TypeError(
+            f"embed_fn must be a function embed_fn(params, inputs) -> (n, dim) "
+            f"embeddings; got {type(embed_fn).__name__}."
+        )
+    ways = _validation.check_positive_int("ways", ways)
+    if distance not in DISTANCES:
+        raise ValueError(f"distance must be one of {DISTANCES}; got {distance!r}.")
+    scale = _check_scale(scale)
+
+    def embed(params: Params, inputs: Any, labels: jax.Array, where: str):
+        embeddings = embed_fn(params, inputs)
+        _check_embeddings(embeddings, jnp.shape(labels)[0], where)
+        return embeddings
+
+    def classify(embeddings, labels, prototypes) -> tuple[jax.Array, jax.Array]:
+        logits = scale * prototype_logits(embeddings, prototypes, distance)
+        loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+        correct = jnp.argmax(logits, axis=-1) == labels
+        accuracy = jnp.mean(correct.astype(logits.dtype))
+        return loss, accuracy
+
+    def episode(params: Params, task: Task, where: str) -> Aux:
+        _validation.check_task(task, where)
+        s_inputs, s_labels = _unpack(task.support, f"{where}: task.support")
+        q_inputs, q_labels = _unpack(task.query, f"{where}: task.query")
+        _check_support_matches_query(s_inputs, q_inputs, where)
+        s_emb = embed(params, s_inputs, s_labels, f"{where}: task.support")
+        q_emb = embed(params, q_inputs, q_labels, f"{where}: task.query")
+        prototypes = class_prototypes(s_emb, s_labels, ways)
+        q_loss, q_accuracy = classify(q_emb, q_labels, prototypes)
+        s_loss, _ = classify(s_emb, s_labels, prototypes)
+        return {
+            "support_loss": s_loss,
+            "query_loss": q_loss,
+            "query_accuracy": q_accuracy,
+        }
+
+    def init(params: Params) -> Params:
+        return params
+
+    def adapt(meta_params: Params, support: Batch) -> tuple[Params, jax.Array]:
+        inputs, labels = _unpack(support, "adapt: support")
+        embeddings = embed(meta_params, inputs, labels, "adapt: support")
+        return meta_params, class_prototypes(embeddings, labels, ways)
+
+    def meta_loss(meta_params: Params, task: Task) -> tuple[jax.Array, Aux]:
+        metrics = episode(meta_params, task, "meta_loss")
+        loss = metrics["query_loss"]
+        metrics = jax.lax.stop_gradient(metrics)
+        aux = {}
+        for name, value in metrics.items():
+            aux[f"{name}_pre"] = value
+            aux[f"{name}_post"] = value
+        return loss, aux
+
+    def adaptation_curve(meta_params: Params, task: Task, num_steps: int) -> Aux:
+        num_steps = _validation.check_positive_int("num_steps", num_steps)
+        metrics = episode(meta_params, task, "adaptation_curve")
+        return {k: jnp.full((num_steps + 1,), v) for k, v in metrics.items()}
+
+    return MetaLearner(init, adapt, meta_loss, adaptation_curve)
+
+
+def _unit(x: jax.Array) -> jax.Array:
+    """Rows scaled to unit norm; rows of norm below 1e-8 are divided by 1e-8.
+
+    So a zero row stays zero (cosine 0 to everything) instead of becoming NaN.
+    """
+    squared = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
+    return x * jax.lax.rsqrt(jnp.maximum(squared, _COSINE_EPS))
+
+
+def _check_scale(scale: Any) -> float:
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a Python number > 0; got {scale!r}.")
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a finite number > 0; got {scale!r}.")
+    return float(scale)
+
+
+def _unpack(batch: Any, where: str) -> tuple[Any, jax.Array]:
+    """Splits ``(inputs, labels)`` and checks the labels' dtype and shape."""
+    if not (isinstance(batch, tuple | list) and len(batch) == 2):
+        raise TypeError(
+            f"{where} must be a pair (inputs, labels); got {type(batch).__name__}."
+        )
+    inputs, labels = batch
+    dtype = jnp.result_type(labels)
+    if not jnp.issubdtype(dtype, jnp.integer):
+        raise TypeError(
+            f"{where}: labels must be integers in [0, ways); got dtype {dtype}. "
+            f"For one-hot labels pass jnp.argmax(one_hot, axis=-1)."
+        )
+    if jnp.ndim(labels) != 1:
+        raise ValueError(
+            f"{where}: labels must have shape (num_examples,); got shape "
+            f"{jnp.shape(labels)}. A batch of tasks goes through "
+            f"meta_value_and_grad, which strips the task axis."
+        )
+    return inputs, labels
+
+
+def _check_embeddings(embeddings: Any, num_labels: int, where: str) -> None:
+    shape = jnp.shape(embeddings)
+    if len(shape) != 2 or shape[0] != num_labels:
+        raise ValueError(
+            f"{where}: embed_fn must return embeddings of shape (num_examples, dim) "
+            f"with one row per label ({num_labels}); got shape {shape}."
+        )
+    if not jnp.issubdtype(jnp.result_type(embeddings), jnp.floating):
+        raise TypeError(
+            f"{where}: embed_fn must return floating-point embeddings; got "
+            f"{jnp.result_type(embeddings)}."
+        )
+
+
+def _check_support_matches_query(s_inputs: Any, q_inputs: Any, where: str) -> None:
+    """Support and query inputs must agree on everything but the example axis."""
+    for s, q in zip(jax.tree.leaves(s_inputs), jax.tree.leaves(q_inputs), strict=True):
+        if jnp.shape(s)[1:] != jnp.shape(q)[1:]:
+            raise ValueError(
+                f"{where}: support and query inputs differ beyond the example axis: "
+                f"support {jnp.shape(s)}, query {jnp.shape(q)}."
+            )
