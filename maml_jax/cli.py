@@ -29,7 +29,7 @@ def _debug_flag(parser) -> None:
 
 
 def _train_parser(sub) -> None:
-    from maml_jax.experiments.few_shot import PRESETS
+    from maml_jax.experiments.few_shot import ALGORITHMS, PRESETS
 
     p = sub.add_parser("train", help="meta-train a few-shot classifier")
     _debug_flag(p)
@@ -65,7 +65,7 @@ def _train_parser(sub) -> None:
         ("chunk-size", int),
     ):
         p.add_argument(f"--{name}", type=kind)
-    p.add_argument("--algorithm", choices=("maml", "fomaml"))
+    p.add_argument("--algorithm", choices=ALGORITHMS)
     p.add_argument("--norm", choices=("transductive", "inductive", "none"))
     p.add_argument("--conv-impl", choices=("lax", "im2col"))
     p.add_argument("--batching", choices=("vmap", "scan", "unroll"))

@@ -128,6 +128,8 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int, impl: str) -> jax.Ar
     Returns:
       ``(N, ceil(H / stride), ceil(W / stride), C_out)``.
     """
+    dtype = jnp.result_type(x, kernel)
+    x, kernel = x.astype(dtype), kernel.astype(dtype)
     if impl == "lax":
         return jax.lax.conv_general_dilated(
             x,

@@ -43,3 +43,24 @@ def test_readme_quick_start_runs():
     namespace = {}
     exec(compile(code, "README.md", "exec"), namespace)
     assert float(namespace["loss"]) > 0
+
+
+@pytest.mark.slow
+def test_omniglot_smoke(omniglot_dir, dataset_cache, tmp_path):
+    from benchmarks import omniglot
+
+    results = omniglot.main(
+        [
+            "--smoke",
+            "--no-progress",
+            "--data-dir",
+            str(omniglot_dir),
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert results["trained_steps"] == 3 and results["episodes"] == 20
+    assert len(results["accuracy"]) == 4  # 0..3 test-time inner steps
+    assert all(0.0 <= a <= 1.0 for a in results["accuracy"])
+    assert results["median_tasks_per_s"] > 0
+    assert (tmp_path / "learning_curve.png").exists()

@@ -158,10 +158,10 @@ class FewShotConfig:
         return config
 
     def validate(self) -> None:
-        if self.algorithm not in ("maml", "fomaml"):
+        if self.algorithm not in ALGORITHMS:
             raise ValueError(
-                f"--algorithm {self.algorithm!r} is not available; choose maml or "
-                f"fomaml."
+                f"--algorithm {self.algorithm!r} is not available; choose from "
+                f"{', '.join(ALGORITHMS)}."
             )
         for name in (
             "ways",
@@ -229,26 +229,74 @@ def load_classes(config: FewShotConfig, data_dir, split: str) -> np.ndarray:
     return datasets.load_miniimagenet(data_dir, name).images
 
 
+ALGORITHMS = (
+    "maml",
+    "fomaml",
+    "anil",
+    "reptile",
+    "meta_sgd",
+    "maml_plus_plus",
+    "imaml",
+    "protonet",
+)
+
+
+def _make_learner(config: FewShotConfig, model, loss_fn):
+    """The learner for ``config.algorithm``, with the paper-style defaults."""
+    common = dict(inner_lr=config.inner_lr, num_inner_steps=config.inner_steps)
+    name = config.algorithm
+    if name == "maml":
+        return maml_jax.maml(loss_fn, has_aux=True, **common)
+    if name == "fomaml":
+        return maml_jax.fomaml(loss_fn, has_aux=True, **common)
+    if name == "anil":  # only the linear head adapts
+        return maml_jax.anil(
+            loss_fn,
+            has_aux=True,
+            adapt_mask=lambda p: {k: k == "head" for k in p},
+            **common,
+        )
+    if name == "reptile":
+        return maml_jax.reptile(loss_fn, has_aux=True, **common)
+    if name == "meta_sgd":
+        return maml_jax.meta_sgd(loss_fn, has_aux=True, **common)
+    if name == "maml_plus_plus":
+        return maml_jax.maml_plus_plus(
+            loss_fn, has_aux=True, msl_anneal_steps=max(config.steps // 4, 1), **common
+        )
+    if name == "imaml":
+        return maml_jax.imaml(
+            loss_fn, has_aux=True, reg_lambda=2.0, cg_steps=5, **common
+        )
+    if name == "protonet":
+        embed = models.Conv4(
+            num_classes=None,
+            filters=model.filters,
+            downsample=model.downsample,
+            head=model.head,
+            norm=config.norm,
+            conv_impl=model.conv_impl,
+        )
+        return maml_jax.protonet(
+            lambda p, x: embed.apply({"params": p}, x), ways=config.ways
+        )
+    raise ValueError(f"--algorithm must be one of {', '.join(ALGORITHMS)}.")
+
+
 def build_learner(config: FewShotConfig, image_shape):
     """Model, initial params, learner and outer optimizer for ``config``."""
     omniglot = config.dataset == "omniglot"
     model = models.Conv4(
-        num_classes=config.ways,
+        num_classes=None if config.algorithm == "protonet" else config.ways,
         filters=64 if omniglot else 32,
         downsample="stride" if omniglot else "maxpool",
         head="mean" if omniglot else "flatten",
         norm=config.norm,
-        conv_impl=config.conv_impl,
+        conv_impl=config.conv_impl or "lax",
     )
     params = model.init(jax.random.key(config.seed), jnp.zeros((2, *image_shape)))
     loss_fn = models.classification_loss(model.apply, loss_scale=config.ways)
-    factory = maml_jax.fomaml if config.algorithm == "fomaml" else maml_jax.maml
-    learner = factory(
-        loss_fn,
-        inner_lr=config.inner_lr,
-        num_inner_steps=config.inner_steps,
-        has_aux=True,
-    )
+    learner = _make_learner(config, model, loss_fn)
     tx = optax.adam(config.outer_lr)
     if config.grad_clip:
         tx = optax.chain(optax.clip(config.grad_clip), tx)
