@@ -64,3 +64,12 @@ def test_omniglot_smoke(omniglot_dir, dataset_cache, tmp_path):
     assert all(0.0 <= a <= 1.0 for a in results["accuracy"])
     assert results["median_tasks_per_s"] > 0
     assert (tmp_path / "learning_curve.png").exists()
+
+
+@pytest.mark.slow
+def test_formulations_smoke():
+    from benchmarks import formulations
+
+    rows = formulations.main(["--smoke"])
+    assert len(rows) == 2
+    assert all(r["step_ms_median"] > 0 and r["compile_s"] > 0 for r in rows)
