@@ -13,6 +13,7 @@ from maml_jax.core import (
     task_metrics,
 )
 from maml_jax.episodes import EpisodeSpec, sample_episode, sample_episodes
+from maml_jax.implicit import imaml
 from maml_jax.meta_sgd import maml_plus_plus, meta_sgd, msl_weights
 from maml_jax.metrics import mean_ci95
 from maml_jax.models import MLP, Conv4, classification_loss, regression_loss
@@ -27,6 +28,7 @@ from maml_jax.tasks import (
 )
 from maml_jax.train import (
     MetaTrainState,
+    StopTraining,
     evaluate,
     fit,
     meta_train_step,
@@ -39,6 +41,8 @@ from maml_jax.types import Batch, MetaLearner, MetaParams, Params, Task
 __version__ = "0.1.0"
 
 __all__ = [
+    "imaml",
+    "StopTraining",
     "class_prototypes",
     "protonet",
     "prototype_logits",

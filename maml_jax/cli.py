@@ -7,7 +7,9 @@
 * ``maml-jax sinusoid [options]`` — the MAML paper's sinusoid regression.
 
 Errors in what the user gave print one line and exit with status 2 (``--debug``
-shows the traceback).
+shows the traceback). SIGTERM or SIGINT during ``train`` finishes the current chunk
+of steps, saves a checkpoint and exits with status 128 + signal number (143 / 130)
+and a one-line message; ``--resume`` continues exactly.
 """
 
 from __future__ import annotations
@@ -152,8 +154,13 @@ def main(argv: list[str] | None = None) -> int:
     _eval_parser(sub)
     sub.add_parser("sinusoid", help="sinusoid regression (maml-jax sinusoid --help)")
     args = parser.parse_args(argv)
+    from maml_jax.experiments.few_shot import TrainingInterrupted
+
     try:
         {"train": _run_train, "eval": _run_eval}[args.command](args)
+    except TrainingInterrupted as stopped:
+        print(f"maml-jax {args.command}: {stopped}", file=sys.stderr)
+        return 128 + stopped.signum
     except (ValueError, TypeError, OSError, FloatingPointError) as error:
         if args.debug:
             raise

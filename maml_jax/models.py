@@ -218,6 +218,7 @@ class Conv4(nn.Module):
       norm_scale: learn a per-channel scale in the norm (the original code learns
         only the offset).
       conv_impl: ``"lax"`` or ``"im2col"`` (see ``conv2d``; same values).
+      param_dtype: dtype of the parameters (float32, also under ``jax_enable_x64``).
 
     Inputs ``(N, H, W, C)`` give logits ``(N, num_classes)``.
     """
@@ -230,6 +231,7 @@ class Conv4(nn.Module):
     norm_scale: bool = True
     conv_impl: str = "lax"
     eps: float = 1e-5
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -248,9 +250,13 @@ class Conv4(nn.Module):
                 f"conv{block}_kernel",
                 nn.initializers.lecun_normal(),
                 (3, 3, x.shape[-1], self.filters),
+                self.param_dtype,
             )
             bias = self.param(
-                f"conv{block}_bias", nn.initializers.zeros, (self.filters,)
+                f"conv{block}_bias",
+                nn.initializers.zeros,
+                (self.filters,),
+                self.param_dtype,
             )
             x = conv2d(x, kernel, stride=stride, impl=self.conv_impl) + _channels(bias)
             x = self._normalize(x, block)
@@ -260,7 +266,7 @@ class Conv4(nn.Module):
         x = x.mean(axis=(1, 2)) if self.head == "mean" else x.reshape(x.shape[0], -1)
         if self.num_classes is None:
             return x
-        return nn.Dense(self.num_classes, name="head")(x)
+        return nn.Dense(self.num_classes, name="head", param_dtype=self.param_dtype)(x)
 
     def _normalize(self, x: jax.Array, block: int) -> jax.Array:
         if self.norm == "none":
@@ -271,11 +277,17 @@ class Conv4(nn.Module):
         x = (x - mean) * jax.lax.rsqrt(var + self.eps)
         if self.norm_scale:
             scale = self.param(
-                f"norm{block}_scale", nn.initializers.ones, (self.filters,)
+                f"norm{block}_scale",
+                nn.initializers.ones,
+                (self.filters,),
+                self.param_dtype,
             )
             x = x * _channels(scale)
         offset = self.param(
-            f"norm{block}_offset", nn.initializers.zeros, (self.filters,)
+            f"norm{block}_offset",
+            nn.initializers.zeros,
+            (self.filters,),
+            self.param_dtype,
         )
         return x + _channels(offset)
 

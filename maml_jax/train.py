@@ -23,6 +23,10 @@ TaskSampler = Callable[[jax.Array], Task]
 """``key -> Task`` batch; traced inside the jitted step (on-device sampling)."""
 
 
+class StopTraining(Exception):
+    """Raised by a ``fit`` callback to end training after the current chunk."""
+
+
 class MetaTrainState(struct.PyTreeNode):
     """Meta-training state in the style of ``flax.training.train_state.TrainState``.
 
@@ -217,7 +221,8 @@ def fit(
       eval_every: evaluation period in steps (0: only at the end).
       metrics_path: JSON-lines file, appended to.
       progress: show a tqdm progress bar.
-      callbacks: called after every chunk with the state and the logged record.
+      callbacks: called after every chunk with the state and the logged record;
+        a callback may raise ``StopTraining`` to end training there.
 
     Returns:
       The final state.
@@ -261,11 +266,13 @@ def fit(
                 )
                 last_eval = step
             _write(log, record)
-            for callback in callbacks:
-                callback(state, record)
             if bar is not None:
                 bar.update(chunk)
                 bar.set_postfix(_bar_fields(record))
+            for callback in callbacks:
+                callback(state, record)
+    except StopTraining:
+        pass
     finally:
         if bar is not None:
             bar.close()

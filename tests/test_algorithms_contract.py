@@ -75,8 +75,8 @@ LEARNERS = {
     ),
 }
 try:  # learners that live in their own modules
-    LEARNERS["imaml"] = _row(
-        maml_jax.imaml, inner_lr=0.01, num_inner_steps=5, reg_lambda=1.0, cg_steps=5
+    LEARNERS["imaml"] = _row(  # λ large enough that I + H/λ stays positive definite
+        maml_jax.imaml, inner_lr=1e-3, num_inner_steps=30, reg_lambda=100.0, cg_steps=5
     )
 except AttributeError:
     pass

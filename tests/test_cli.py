@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -227,3 +228,86 @@ def test_presets_match_the_paper():
     assert config.spec.rotations and config.steps == 60_000
     with pytest.raises(ValueError, match="unknown preset"):
         few_shot.FewShotConfig.from_preset("cifar")
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_resume_is_exact(
+    omniglot_dir, dataset_cache, tmp_path
+):
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    args = [
+        sys.executable,
+        "-m",
+        "maml_jax.cli",
+        "train",
+        *SMALL,
+        "--steps",
+        "400",
+        "--checkpoint-every",
+        "200",
+        "--eval-every",
+        "200",
+        "--data-dir",
+        str(omniglot_dir),
+        "--out",
+        str(run),
+    ]
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline, "training did not start"
+        time.sleep(0.2)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert time.monotonic() - sent < 30
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "stopped by SIGTERM at step" in stderr and "--resume" in stderr
+    stopped = _final_params(run)
+    logged = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
+    assert logged[-1] == stopped.step and stopped.step < 400
+
+    # Resume to a few steps past the stop and compare with an uninterrupted run,
+    # both in fresh processes (like the stopped one: x64 off, as users run it).
+    target = str(stopped.step + 4)
+    resume = _run_cli(
+        "train",
+        "--preset",
+        "omniglot-5w1s",
+        "--data-dir",
+        str(omniglot_dir),
+        "--out",
+        str(run),
+        "--resume",
+        "--steps",
+        target,
+        "--no-progress",
+    )
+    assert resume.returncode == 0, resume.stderr
+    full = tmp_path / "full"
+    uninterrupted = _run_cli(
+        "train",
+        *SMALL,
+        "--steps",
+        target,
+        "--checkpoint-every",
+        "200",
+        "--eval-every",
+        "200",
+        "--data-dir",
+        str(omniglot_dir),
+        "--out",
+        str(full),
+    )
+    assert uninterrupted.returncode == 0, uninterrupted.stderr
+    a, b = _final_params(full), _final_params(run)
+    assert a.step == b.step == int(target)
+    for x, y in zip(jax.tree.leaves(a.state), jax.tree.leaves(b.state), strict=True):
+        np.testing.assert_array_equal(x, y)
+    steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
+    assert steps == sorted(set(steps))  # every logged step once

@@ -26,6 +26,7 @@ import dataclasses
 import json
 import platform
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -219,6 +220,17 @@ class FewShotConfig:
         )
 
 
+class TrainingInterrupted(Exception):
+    """Training stopped on SIGTERM/SIGINT after saving a checkpoint."""
+
+    def __init__(self, signum: int, step: int, out: Path):
+        self.signum, self.step = signum, step
+        super().__init__(
+            f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint "
+            f"saved in {out / 'checkpoints'}; continue with --resume --out {out}."
+        )
+
+
 def load_classes(config: FewShotConfig, data_dir, split: str) -> np.ndarray:
     """The ``(num_classes, num_examples, H, W, C)`` array of one split."""
     from maml_jax import datasets
@@ -374,11 +386,21 @@ def train(
         )
         return {"val_accuracy": curves["query_accuracy"][:, -1].mean()}
 
+    stop_signal: list[int] = []
+
     def save(state, record):
         step = record["step"]
-        if step % config.checkpoint_every == 0 or step == config.steps:
+        if step % config.checkpoint_every == 0 or step == config.steps or stop_signal:
             checkpointer.save(state, extra={"config": _config_dict(config)})
+        if stop_signal:
+            raise maml_jax.train.StopTraining
 
+    def request_stop(signum, frame):
+        stop_signal.append(signum)
+
+    handlers = {
+        sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)
+    }
     try:
         state = maml_jax.fit(
             state,
@@ -392,8 +414,20 @@ def train(
             progress=progress,
             callbacks=(save,),
         )
+    except FloatingPointError as error:
+        last = checkpointer.latest_step()
+        where = (
+            f"the last good checkpoint is step {last} in {out / 'checkpoints'}"
+            if last is not None
+            else "no checkpoint was written yet"
+        )
+        raise FloatingPointError(f"{error} Training stopped; {where}.") from None
     finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
         checkpointer.close()
+    if stop_signal:
+        raise TrainingInterrupted(stop_signal[0], int(state.step), out)
     from maml_jax import plots
 
     plots.learning_curve(
