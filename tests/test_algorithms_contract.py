@@ -74,16 +74,10 @@ LEARNERS = {
         maml_jax.maml_plus_plus, inner_lr=0.01, num_inner_steps=2, msl_anneal_steps=20
     ),
 }
-try:  # learners that live in their own modules
-    LEARNERS["imaml"] = _row(  # λ large enough that I + H/λ stays positive definite
-        maml_jax.imaml, inner_lr=1e-3, num_inner_steps=30, reg_lambda=100.0, cg_steps=5
-    )
-except AttributeError:
-    pass
-try:
-    LEARNERS["protonet"] = _row(maml_jax.protonet, setup=_clusters_setup, ways=3)
-except AttributeError:
-    pass
+LEARNERS["imaml"] = _row(  # λ large enough that I + H/λ stays positive definite
+    maml_jax.imaml, inner_lr=1e-3, num_inner_steps=30, reg_lambda=100.0, cg_steps=5
+)
+LEARNERS["protonet"] = _row(maml_jax.protonet, setup=_clusters_setup, ways=3)
 
 NAMES = sorted(LEARNERS)
 
