@@ -18,10 +18,18 @@ Two entry points mirror ``train.py``:
   ``(state, key) -> (state, metrics)``, the sharded ``scan_train_steps``, tasks
   sampled on device.
 
+``shard_sampler(sample_tasks, mesh)`` is the sampler those use; with a
+replicated state it also makes ``train.fit`` run sharded (single process).
+
 Multi-host: call ``initialize_distributed()`` first in every process; then
 ``task_mesh()`` spans every process's devices, ``replicate`` puts the same
 state on all of them, ``shard_tasks`` turns each process's tasks into one
-global array, and ``is_primary()`` says which process writes logs.
+global array (or the sharded scan samples each device's tasks on the device),
+and ``is_primary()`` says which process writes logs and metrics files.
+Checkpoints are collective: every process calls ``Checkpointer.save`` and
+``restore`` on the same directory (a shared filesystem), and orbax writes each
+replicated array once; calling it from process 0 alone would wait forever on
+the others.
 
 The meta-batch must divide by the number of devices; otherwise a ``ValueError``
 names both numbers (tasks are never dropped or padded silently).
@@ -62,6 +70,7 @@ __all__ = [
     "make_sharded_scan_train_steps",
     "make_sharded_train_step",
     "replicate",
+    "shard_sampler",
     "shard_tasks",
     "task_mesh",
     "task_sharding",
@@ -340,9 +349,10 @@ def make_sharded_scan_train_steps(
 
     Args:
       mesh: the task mesh.
-      sample_tasks: ``key -> Task`` batch (traced once; must be hashable and
-        reused across calls to hit the compilation cache).
-      num_steps: meta-steps per call (static).
+      sample_tasks: ``key -> Task`` batch, traced into the step.
+      num_steps: meta-steps per call (static). Build the function once and
+        reuse it: each call of this factory is a new jitted function (a new
+        compile).
       donate: donate the input state.
 
     Returns:
@@ -356,16 +366,12 @@ def make_sharded_scan_train_steps(
         by the mesh size.
     """
     num_steps = _validation.check_positive_int("num_steps", num_steps)
-    sharding, replicated = task_sharding(mesh), _replicated(mesh)
-
-    def sharded_sampler(key: jax.Array) -> Task:
-        tasks = sample_tasks(key)
-        _check_divisible(_leading_dim(tasks, "sample_tasks(key)"), mesh)
-        return jax.lax.with_sharding_constraint(tasks, sharding)
+    replicated = _replicated(mesh)
+    sampler = shard_sampler(sample_tasks, mesh)
 
     def run(state: MetaTrainState, key: jax.Array):
         _check_batching(state, mesh)
-        return train.scan_train_steps(state, key, sharded_sampler, num_steps)
+        return train.scan_train_steps(state, key, sampler, num_steps)
 
     return jax.jit(
         run,
@@ -373,6 +379,31 @@ def make_sharded_scan_train_steps(
         out_shardings=(replicated, replicated),
         donate_argnums=(0,) if donate else (),
     )
+
+
+def shard_sampler(sample_tasks: TaskSampler, mesh: Mesh) -> TaskSampler:
+    """Wraps a ``key -> Task`` sampler so its output is split over ``mesh``.
+
+    The wrapped sampler calls ``sample_tasks(key)`` and applies
+    ``jax.lax.with_sharding_constraint(tasks, task_sharding(mesh))`` (see
+    ``make_sharded_scan_train_steps`` for what that does to sampling). It also
+    works with ``train.fit`` in a single process: ``fit(replicate(state, mesh),
+    shard_sampler(sampler, mesh), ...)`` runs sharded, because the jitted step
+    follows the shardings of its (replicated) state and of the constraint.
+    Build it once: every new wrapper is a new static argument, hence a compile.
+
+    Raises:
+      ValueError: when traced, if the meta-batch does not divide by the mesh
+        size.
+    """
+    sharding = task_sharding(mesh)
+
+    def sharded_sampler(key: jax.Array) -> Task:
+        tasks = sample_tasks(key)
+        _check_divisible(_leading_dim(tasks, "sample_tasks(key)"), mesh)
+        return jax.lax.with_sharding_constraint(tasks, sharding)
+
+    return sharded_sampler
 
 
 def initialize_distributed(

@@ -72,8 +72,47 @@ def pretrained_baseline(loss_fn, *, inner_lr: float) -> MetaLearner:
     return MetaLearner(init, adapt, meta_loss, adaptation_curve)
 
 
+ALGORITHMS = (
+    "maml",
+    "fomaml",
+    "anil",
+    "reptile",
+    "meta_sgd",
+    "maml_plus_plus",
+    "imaml",
+)
+
+
+def make_learner(args, loss_fn, params) -> MetaLearner:
+    """The learner for ``--algorithm`` with the protocol's α and inner steps.
+
+    ANIL adapts only the output layer. iMAML uses its own inner solver settings
+    (30 proximal gradient steps at 1e-3 with λ = 100, so that I + H/λ stays
+    positive definite on this MLP); its test-time curve is that solver's.
+    """
+    common = dict(inner_lr=args.inner_lr, num_inner_steps=args.inner_steps)
+    if args.algorithm == "imaml":
+        return maml_jax.imaml(
+            loss_fn, inner_lr=1e-3, num_inner_steps=30, reg_lambda=100.0, cg_steps=5
+        )
+    if args.algorithm == "anil":
+        head = sorted(params)[-1]
+        return maml_jax.anil(
+            loss_fn, adapt_mask={k: k == head for k in params}, **common
+        )
+    factory = {
+        "maml": maml_jax.maml,
+        "fomaml": maml_jax.fomaml,
+        "reptile": maml_jax.reptile,
+        "meta_sgd": maml_jax.meta_sgd,
+        "maml_plus_plus": maml_jax.maml_plus_plus,
+    }[args.algorithm]
+    return factory(loss_fn, **common)
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--algorithm", default="maml", choices=ALGORITHMS)
     p.add_argument("--steps", type=int, default=70_000)
     p.add_argument("--meta-batch", type=int, default=25)
     p.add_argument("--shots", type=int, default=10, help="K support points (train)")
@@ -224,11 +263,7 @@ def main(argv=None) -> dict:
     model = maml_jax.MLP(hidden_sizes=tuple(args.hidden))
     params = model.init(jax.random.key(args.seed), jnp.zeros((1, 1)))["params"]
     loss_fn = maml_jax.regression_loss(model.apply)
-    learners = {
-        "maml": maml_jax.maml(
-            loss_fn, inner_lr=args.inner_lr, num_inner_steps=args.inner_steps
-        )
-    }
+    learners = {args.algorithm: make_learner(args, loss_fn, params)}
     if not args.no_baseline:
         learners["pretrained"] = pretrained_baseline(loss_fn, inner_lr=args.inner_lr)
 
@@ -287,7 +322,17 @@ def main(argv=None) -> dict:
             )
         )
 
-    plot(out / "sinusoid.png", model.apply, final_params, learners, args, args.inner_lr)
+    # The figure adapts with plain SGD at α, so it shows learners whose
+    # meta-parameters are the network's parameters (not Meta-SGD / MAML++).
+    plottable = {
+        k: v
+        for k, v in final_params.items()
+        if jax.tree.structure(v) == jax.tree.structure(params)
+    }
+    if plottable:
+        plot(
+            out / "sinusoid.png", model.apply, plottable, learners, args, args.inner_lr
+        )
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print(table(results))
     return results
