@@ -73,3 +73,16 @@ def test_formulations_smoke():
     rows = formulations.main(["--smoke"])
     assert len(rows) == 2
     assert all(r["step_ms_median"] > 0 and r["compile_s"] > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_learners_smoke(omniglot_dir, dataset_cache, tmp_path):
+    from benchmarks import learners
+
+    rows = learners.main(
+        ["--smoke", "--data-dir", str(omniglot_dir), "--out", str(tmp_path)]
+    )
+    assert [r["algorithm"] for r in rows] == ["maml", "protonet"]
+    assert "sinusoid" in rows[0] and "sinusoid" not in rows[1]
+    assert all(0 <= r["omniglot"]["accuracy"] <= 1 for r in rows)
+    assert (tmp_path / "learners.json").exists()

@@ -96,8 +96,21 @@ for n in (1, 2, 4, 8):
         "scan_full_batch_shapes": len(full_batch.findall(scan_hlo)),
     }
 
-errors = {}
 mesh4 = sharding.task_mesh(jax.devices()[:4])
+fit_state = maml_jax.fit(
+    sharding.replicate(fresh(), mesh4),
+    sharding.shard_sampler(sample, mesh4),
+    key=jax.random.key(2),
+    num_steps=STEPS,
+    steps_per_call=STEPS,
+    progress=False,
+)
+out["fit"] = {
+    "params": flat(fit_state).tolist(),
+    "devices": [len(x.sharding.device_set) for x in jax.tree.leaves(fit_state)],
+}
+
+errors = {}
 six = maml_jax.sample_sinusoid_tasks(jax.random.key(3), 6, 5, 5)
 try:
     sharding.make_sharded_train_step(mesh4)(sharding.replicate(fresh(), mesh4), six)
@@ -217,6 +230,15 @@ def test_tasks_are_split_and_gradients_all_reduced(eight_devices, num_devices):
     assert not run["scan_all_gather"]
     assert run["scan_full_batch_shapes"] == 0
     assert eight_devices["runs"]["1"]["scan_full_batch_shapes"] > 0  # the check works
+
+
+def test_fit_with_sharded_sampler(eight_devices):
+    """fit() on a replicated state with shard_sampler runs on all 4 devices."""
+    fit = eight_devices["fit"]
+    assert set(fit["devices"]) == {4}
+    np.testing.assert_allclose(
+        fit["params"], eight_devices["scan_reference"], rtol=RTOL, atol=ATOL
+    )
 
 
 def test_indivisible_meta_batch_is_a_clear_error(eight_devices):
