@@ -26,15 +26,7 @@ from pathlib import Path
 from benchmarks import omniglot
 from maml_jax.experiments import few_shot, sinusoid
 
-REGRESSION = (
-    "maml",
-    "fomaml",
-    "anil",
-    "reptile",
-    "meta_sgd",
-    "maml_plus_plus",
-    "imaml",
-)
+REGRESSION = sinusoid.ALGORITHMS  # ProtoNets classify; they have no regression form
 
 
 def main(argv=None) -> list[dict]:
