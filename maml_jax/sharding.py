@@ -18,8 +18,8 @@ Two entry points mirror ``train.py``:
   ``(state, key) -> (state, metrics)``, the sharded ``scan_train_steps``, tasks
   sampled on device.
 
-``shard_sampler(sample_tasks, mesh)`` is the sampler those use; with a
-replicated state it also makes ``train.fit`` run sharded (single process).
+``shard_sampler(sample_tasks, mesh)`` is the sampler the latter uses; with a
+replicated state it also makes ``train.fit`` run sharded.
 
 Multi-host: call ``initialize_distributed()`` first in every process; then
 ``task_mesh()`` spans every process's devices, ``replicate`` puts the same
@@ -387,10 +387,12 @@ def shard_sampler(sample_tasks: TaskSampler, mesh: Mesh) -> TaskSampler:
     The wrapped sampler calls ``sample_tasks(key)`` and applies
     ``jax.lax.with_sharding_constraint(tasks, task_sharding(mesh))`` (see
     ``make_sharded_scan_train_steps`` for what that does to sampling). It also
-    works with ``train.fit`` in a single process: ``fit(replicate(state, mesh),
-    shard_sampler(sampler, mesh), ...)`` runs sharded, because the jitted step
-    follows the shardings of its (replicated) state and of the constraint.
-    Build it once: every new wrapper is a new static argument, hence a compile.
+    makes ``train.fit`` run sharded, with one or several processes:
+    ``fit(replicate(state, mesh), shard_sampler(sampler, mesh), ...)`` follows
+    the shardings of its replicated state and of the constraint. With several
+    processes pass ``metrics_path`` and ``progress=True`` on ``is_primary()``
+    only. Build the wrapper once: each new one is a new static argument of
+    ``fit``'s jitted step, hence a compile.
 
     Raises:
       ValueError: when traced, if the meta-batch does not divide by the mesh

@@ -9,7 +9,9 @@ single-device reference running the same steps unsharded. Either way it runs:
   only its own share of every meta-batch (``local_task_slice`` and
   ``shard_tasks(..., process_local=True)``);
 - phase B: ``--steps`` more meta-steps in one call with on-device sampling
-  (``make_sharded_scan_train_steps``; reference: ``train.scan_train_steps``).
+  (``make_sharded_scan_train_steps``; reference: ``train.scan_train_steps``);
+- phase C (``--fit``): ``train.fit`` to step ``3 * --steps`` in calls of
+  ``--steps`` steps, with ``shard_sampler`` (reference: the plain sampler).
 
 Then process 0 alone (``is_primary()``) writes ``metrics.json`` in ``--out``,
 and every process prints one line ``RESULT {json}`` with its final parameters.
@@ -34,6 +36,7 @@ def parse_args(argv):
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--meta-batch", type=int, default=8)
     p.add_argument("--checkpoint", action="store_true")
+    p.add_argument("--fit", action="store_true")
     return p.parse_args(argv)
 
 
@@ -96,6 +99,15 @@ def main(argv=None) -> None:
             losses.append(float(metrics["loss"]))
         run = sharding.make_sharded_scan_train_steps(mesh, sample, args.steps)
         state, metrics = run(state, sharding.replicate(scan_key, mesh))
+        if args.fit:
+            state = maml_jax.fit(
+                state,
+                sharding.shard_sampler(sample, mesh),
+                key=jax.random.key(3),
+                num_steps=3 * args.steps,
+                steps_per_call=args.steps,
+                progress=False,
+            )
         info = {
             "process_id": jax.process_index(),
             "process_count": jax.process_count(),
@@ -111,6 +123,15 @@ def main(argv=None) -> None:
             losses.append(float(metrics["loss"]))
         run = jax.jit(train.scan_train_steps, static_argnums=(2, 3))
         state, metrics = run(state, scan_key, sample, args.steps)
+        if args.fit:
+            state = maml_jax.fit(
+                state,
+                sample,
+                key=jax.random.key(3),
+                num_steps=3 * args.steps,
+                steps_per_call=args.steps,
+                progress=False,
+            )
         info = {"process_id": None, "global_devices": jax.device_count()}
 
     losses += [float(x) for x in np.asarray(metrics["loss"])]

@@ -153,53 +153,60 @@ def _result(stdout: str) -> dict:
     return json.loads(lines[-1][len("RESULT ") :])
 
 
-def _run_all(commands: dict[str, tuple[list[str], dict]], cwd) -> dict[str, dict]:
-    """Runs the commands concurrently; kills all on timeout; fails with stderr."""
-    procs = {
-        name: subprocess.Popen(
-            cmd,
-            cwd=cwd,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+def _run_all(commands: dict[str, tuple[list[str], dict]], cwd, logs) -> dict:
+    """Runs the commands concurrently and returns each one's parsed RESULT.
+
+    Output goes to files in ``logs`` (no pipe can fill up and block a process).
+    If a process fails, the others are killed at once (a peer waiting in a
+    collective would otherwise wait for it); if the time runs out, all are
+    killed. Either way the test fails with every process's stderr.
+    """
+    logs = Path(logs)
+    logs.mkdir(parents=True, exist_ok=True)
+    procs, files = {}, []
+    for name, (cmd, env) in commands.items():
+        out = open(logs / f"{name}.out", "w")
+        err = open(logs / f"{name}.err", "w")
+        files += [out, err]
+        procs[name] = subprocess.Popen(
+            cmd, cwd=cwd, env=env, stdout=out, stderr=err, text=True
         )
-        for name, (cmd, env) in commands.items()
-    }
-    outputs, deadline = {}, time.monotonic() + TIMEOUT_S
+    deadline, timed_out = time.monotonic() + TIMEOUT_S, False
     try:
-        for name, proc in procs.items():
-            try:
-                outputs[name] = proc.communicate(
-                    timeout=max(deadline - time.monotonic(), 1)
-                )
-            except subprocess.TimeoutExpired:
+        while any(p.poll() is None for p in procs.values()):
+            if any(p.poll() for p in procs.values()):
+                break  # one failed: do not wait for its peers
+            if time.monotonic() > deadline:
+                timed_out = True
                 break
+            time.sleep(0.2)
     finally:
         for proc in procs.values():
             if proc.poll() is None:
                 proc.kill()
-        for name, proc in procs.items():
-            if name not in outputs:
-                outputs[name] = proc.communicate()
-    report = "\n".join(
-        f"--- {name} (exit {procs[name].returncode}) stderr:\n{err[-3000:]}"
-        for name, (_, err) in outputs.items()
-    )
-    if len(outputs) < len(procs) or any(p.returncode for p in procs.values()):
-        timed_out = any(
-            p.returncode is not None and p.returncode < 0 for p in procs.values()
-        )
+        for proc in procs.values():
+            proc.wait()
+        for f in files:
+            f.close()
+
+    def read(name, ext):
+        return (logs / f"{name}.{ext}").read_text()
+
+    if timed_out or any(p.returncode for p in procs.values()):
         reason = f"timed out after {TIMEOUT_S} s" if timed_out else "failed"
+        report = "\n".join(
+            f"--- {name} (exit {proc.returncode}) stderr:\n{read(name, 'err')[-3000:]}"
+            for name, proc in procs.items()
+        )
         pytest.fail(f"subprocesses {reason}:\n{report}")
-    return {name: _result(out) for name, (out, _) in outputs.items()}
+    return {name: _result(read(name, "out")) for name in procs}
 
 
 @pytest.fixture(scope="module")
 def eight_devices(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("eight")
     cmd = [sys.executable, "-c", EIGHT_DEVICES]
-    return _run_all({"eight": (cmd, _env(8))}, cwd)["eight"]
+    return _run_all({"eight": (cmd, _env(8))}, cwd, cwd / "logs")["eight"]
 
 
 @pytest.mark.parametrize("num_devices", [1, 2, 4, 8])
@@ -300,19 +307,25 @@ def _free_port() -> int:
 
 
 def test_two_processes_gloo(tmp_path):
-    """2 processes x 2 CPU devices on loopback equal a 1-process, 1-device run."""
+    """2 processes x 2 CPU devices on loopback equal a 1-process, 1-device run.
+
+    Covers host-fed tasks (each process feeds only its share), on-device
+    sampling, ``fit`` with ``shard_sampler``, a collective orbax checkpoint, and
+    a metrics file written by process 0 only.
+    """
     address = f"127.0.0.1:{_free_port()}"
     commands = {}
     for pid in (0, 1):
         cmd = [sys.executable, str(WORKER), "--coordinator", address]
         cmd += ["--num-processes", "2", "--process-id", str(pid)]
-        cmd += ["--out", str(tmp_path), "--checkpoint"]
+        cmd += ["--out", str(tmp_path), "--checkpoint", "--fit"]
         commands[f"process{pid}"] = (cmd, _env(2))
     (tmp_path / "reference").mkdir()
-    ref_cmd = [sys.executable, str(WORKER), "--out", str(tmp_path / "reference")]
+    ref_cmd = [sys.executable, str(WORKER), "--fit"]
+    ref_cmd += ["--out", str(tmp_path / "reference")]
     commands["reference"] = (ref_cmd, _env(None))
     started = time.monotonic()
-    results = _run_all(commands, ROOT)
+    results = _run_all(commands, ROOT, tmp_path / "logs")
     seconds = time.monotonic() - started
 
     p0, p1, ref = results["process0"], results["process1"], results["reference"]
@@ -322,7 +335,7 @@ def test_two_processes_gloo(tmp_path):
         assert r["tasks_per_local_device"] == [2, 2]
         assert r["compiles"] == 1
         assert r["checkpoint_restored_equal"]
-        assert r["step"] == ref["step"] == 6
+        assert r["step"] == ref["step"] == 9  # 3 sharded, 3 scanned, 3 in fit
     assert p0["share"] == [0, 4] and p1["share"] == [4, 8]
     # Replicas agree exactly; the reference up to the regrouped float32 sum.
     assert p0["leaves"] == p1["leaves"] and p0["losses"] == p1["losses"]
@@ -332,6 +345,22 @@ def test_two_processes_gloo(tmp_path):
     # Only process 0 writes the metrics file.
     assert p0["wrote"] == [str(tmp_path / "metrics.json")] and p1["wrote"] == []
     saved = json.loads((tmp_path / "metrics.json").read_text())
-    assert saved["step"] == 6 and saved["loss"] == p0["losses"]
-    assert (tmp_path / "checkpoints" / "6").is_dir()
+    assert saved["step"] == 9 and saved["loss"] == p0["losses"]
+    assert (tmp_path / "checkpoints" / "9").is_dir()
     assert seconds < TIMEOUT_S
+
+
+@pytest.mark.slow
+def test_scaling_benchmark_smoke():
+    from benchmarks import scaling
+
+    rows = scaling.main(["--smoke"])
+    assert [(r["mode"], r["devices"]) for r in rows] == [
+        ("sharded", 1),
+        ("unsharded", 1),
+        ("sharded", 2),
+    ]
+    for r in rows:
+        assert r["step_ms_median"] > 0 and r["compile_s"] > 0 and r["tasks_per_s"] > 0
+        assert r["steps"] == 4  # warm-up + 3 timed calls, one meta-step each
+    assert rows[2]["tasks_per_device"] == 2
