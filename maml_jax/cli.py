@@ -37,6 +37,18 @@ def _train_parser(sub) -> None:
     _debug_flag(p)
     p.add_argument("--preset", required=True, choices=sorted(PRESETS))
     p.add_argument(
+        "--shard",
+        action="store_true",
+        help="split the task batch over all devices (task batching vmap)",
+    )
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="initialise jax.distributed from MAML_JAX_COORDINATOR, "
+        "MAML_JAX_NUM_PROCESSES, MAML_JAX_PROCESS_ID (or the JAX_* names) and "
+        "shard over the devices of every process",
+    )
+    p.add_argument(
         "--data-dir",
         type=Path,
         required=True,
@@ -98,6 +110,8 @@ def _run_train(args) -> None:
             "resume",
             "no_progress",
             "debug",
+            "shard",
+            "distributed",
         )
     }
     config = few_shot.FewShotConfig.from_preset(args.preset, **overrides)
@@ -109,12 +123,17 @@ def _run_train(args) -> None:
         raise FileNotFoundError(
             f"--data-dir {args.data_dir} does not exist or is not a folder."
         )
+    if args.distributed:
+        from maml_jax import sharding
+
+        sharding.initialize_distributed()
     state = few_shot.train(
         config,
         args.data_dir,
         args.out,
         resume=args.resume,
         progress=not args.no_progress,
+        shard=args.shard or args.distributed,
     )
     print(f"trained to step {int(state.step)}; run directory {args.out}")
 

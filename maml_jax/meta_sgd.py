@@ -41,8 +41,8 @@ def meta_sgd(
       >>> loss_fn = lambda w, b: jnp.mean((b[0] @ w - b[1]) ** 2)
       >>> learner = maml_jax.meta_sgd(loss_fn, inner_lr=0.1)
       >>> meta_params = learner.init(jnp.zeros(2))
-      >>> meta_params["inner_lr"]
-      Array([0.1, 0.1], dtype=float32)
+      >>> meta_params["inner_lr"].tolist()
+      [0.1, 0.1]
 
     References:
       Li, Zhou, Chen & Li, "Meta-SGD: Learning to Learn Quickly for Few-Shot

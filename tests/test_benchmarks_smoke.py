@@ -32,7 +32,7 @@ def test_cli_help_and_unknown_command():
     )
     assert run("--help").returncode == 0
     bad = run("nope")
-    assert bad.returncode == 2 and "unknown command 'nope'" in bad.stderr
+    assert bad.returncode == 2 and "invalid choice: 'nope'" in bad.stderr
     assert "Traceback" not in bad.stderr
 
 

@@ -38,7 +38,7 @@ import numpy as np
 import optax
 
 import maml_jax
-from maml_jax import episodes, models
+from maml_jax import episodes, models, sharding
 from maml_jax.checkpoint import Checkpointer
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -205,10 +205,14 @@ class FewShotConfig:
             self.ways, self.shots, self.queries, rotations=self.dataset == "omniglot"
         )
 
-    def resolved(self) -> FewShotConfig:
-        """Fills backend-dependent defaults (fastest measured formulation)."""
+    def resolved(self, *, shard: bool = False) -> FewShotConfig:
+        """Fills backend-dependent defaults (fastest measured formulation).
+
+        With ``shard`` (tasks split over devices) the task batching is ``vmap``,
+        the only one XLA can split across devices.
+        """
         cpu = jax.default_backend() == "cpu"
-        batching = self.batching or ("scan" if cpu else "vmap")
+        batching = self.batching or ("scan" if cpu and not shard else "vmap")
         chunk = self.chunk_size
         if chunk is None and batching != "vmap":
             chunk = max(d for d in range(1, 9) if self.meta_batch % d == 0)
@@ -323,9 +327,22 @@ def _check_episodes_fit(config: FewShotConfig, data: np.ndarray, split: str) -> 
 
 
 def train(
-    config: FewShotConfig, data_dir, out, *, resume: bool = False, progress: bool = True
+    config: FewShotConfig,
+    data_dir,
+    out,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    shard: bool = False,
 ) -> maml_jax.MetaTrainState:
-    """Meta-trains (or resumes) a run in directory ``out``."""
+    """Meta-trains (or resumes) a run in directory ``out``.
+
+    With ``shard=True`` the task batch is split over every device of every
+    process (``maml_jax.sharding``; call ``sharding.initialize_distributed``
+    first for several processes): parameters are replicated, each device samples
+    and processes its share of the tasks, and only process 0 writes the config,
+    the metrics log and the plot (checkpoints are written collectively by orbax).
+    """
     out = Path(out)
     config_path = out / "config.json"
     if resume:
@@ -341,13 +358,20 @@ def train(
                 f"{out} already holds a run; pass --resume to continue it or choose "
                 f"another --out."
             )
-        config = config.resolved()
+        config = config.resolved(shard=shard)
+    mesh = sharding.task_mesh() if shard else None
+    if mesh is not None and config.batching != "vmap":
+        raise ValueError(
+            f"sharding splits only batching='vmap'; this run uses "
+            f"{config.batching!r} (drop --batching, or do not shard)."
+        )
+    primary = sharding.is_primary()
     _prepare_out(out)
     train_data = load_classes(config, data_dir, "train")
     val_data = load_classes(config, data_dir, "val")
     _check_episodes_fit(config, train_data, "train")
     _check_episodes_fit(config, val_data, "val")
-    if not resume:
+    if not resume and primary:
         config_path.write_text(json.dumps(dataclasses.asdict(config), indent=2))
 
     model, params, learner, tx = build_learner(config, train_data.shape[2:])
@@ -362,8 +386,9 @@ def train(
     checkpointer = Checkpointer(out / "checkpoints", keep=3)
     if resume and checkpointer.latest_step() is not None:
         state = checkpointer.restore(state, config=_config_dict(config)).state
-        _truncate_log(metrics_path, int(state.step))
-    elif resume:
+        if primary:
+            _truncate_log(metrics_path, int(state.step))
+    elif resume and primary:
         metrics_path.unlink(missing_ok=True)
 
     train_data = jnp.asarray(train_data)
@@ -375,6 +400,9 @@ def train(
     )
     spec, meta_batch = config.spec, config.meta_batch
     sampler = lambda key: episodes.sample_episodes(key, train_data, spec, meta_batch)
+    if mesh is not None:
+        state = sharding.replicate(state, mesh)
+        sampler = sharding.shard_sampler(sampler, mesh)
 
     def eval_fn(state):
         curves = maml_jax.evaluate(
@@ -410,8 +438,8 @@ def train(
             steps_per_call=config.steps_per_call,
             eval_fn=eval_fn,
             eval_every=config.eval_every,
-            metrics_path=metrics_path,
-            progress=progress,
+            metrics_path=metrics_path if primary else None,
+            progress=progress and primary,
             callbacks=(save,),
         )
     except FloatingPointError as error:
@@ -428,13 +456,14 @@ def train(
         checkpointer.close()
     if stop_signal:
         raise TrainingInterrupted(stop_signal[0], int(state.step), out)
-    from maml_jax import plots
+    if primary:
+        from maml_jax import plots
 
-    plots.learning_curve(
-        metrics_path,
-        out / "learning_curve.png",
-        title=f"{config.preset} ({config.algorithm})",
-    )
+        plots.learning_curve(
+            metrics_path,
+            out / "learning_curve.png",
+            title=f"{config.preset} ({config.algorithm})",
+        )
     return state
 
 
