@@ -138,7 +138,7 @@ class FewShotConfig:
     norm: str = "transductive"
     conv_impl: str | None = None  # None: "im2col" on CPU, "lax" elsewhere
     batching: str | None = None  # None: "scan" on CPU, "vmap" elsewhere
-    chunk_size: int | None = None  # None: 8 for "scan" on CPU
+    chunk_size: int | None = None  # None: 4 for "scan" on CPU
     eval_every: int = 1000
     val_episodes: int = 200
     checkpoint_every: int = 1000
@@ -215,7 +215,9 @@ class FewShotConfig:
         batching = self.batching or ("scan" if cpu and not shard else "vmap")
         chunk = self.chunk_size
         if chunk is None and batching != "vmap":
-            chunk = max(d for d in range(1, 9) if self.meta_batch % d == 0)
+            # Chunks of 4 tasks measured fastest on a 2-core CPU
+            # (benchmarks/formulations.py); the largest divisor up to 4.
+            chunk = max(d for d in range(1, 5) if self.meta_batch % d == 0)
         return dataclasses.replace(
             self,
             conv_impl=self.conv_impl or ("im2col" if cpu else "lax"),
