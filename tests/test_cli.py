@@ -311,3 +311,40 @@ def test_sigterm_saves_a_checkpoint_and_resume_is_exact(
         np.testing.assert_array_equal(x, y)
     steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
     assert steps == sorted(set(steps))  # every logged step once
+
+
+@pytest.mark.slow
+def test_shard_over_two_devices_matches_one_device(
+    omniglot_dir, dataset_cache, tmp_path
+):
+    # Inductive norm: with batch norm over the batch, the conv biases have an exactly
+    # zero gradient, which Adam turns from float noise into ±lr steps; comparing
+    # them across reduction orders would test noise.
+    common = [
+        *SMALL,
+        "--steps",
+        "2",
+        "--batching",
+        "vmap",
+        "--norm",
+        "inductive",
+        "--data-dir",
+        str(omniglot_dir),
+    ]
+    two = _run_cli(
+        "train",
+        *common,
+        "--out",
+        str(tmp_path / "two"),
+        "--shard",
+        env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+    )
+    assert two.returncode == 0, two.stderr
+    one = _run_cli("train", *common, "--out", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr
+    a, b = _final_params(tmp_path / "one"), _final_params(tmp_path / "two")
+    assert a.step == b.step == 2
+    for x, y in zip(jax.tree.leaves(a.state), jax.tree.leaves(b.state), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-5)  # Adam step: 1e-3
+    logged = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in logged] == [2]
