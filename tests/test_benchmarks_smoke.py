@@ -86,3 +86,12 @@ def test_learners_smoke(omniglot_dir, dataset_cache, tmp_path):
     assert "sinusoid" in rows[0] and "sinusoid" not in rows[1]
     assert all(0 <= r["omniglot"]["accuracy"] <= 1 for r in rows)
     assert (tmp_path / "learners.json").exists()
+
+
+def test_throughput_smoke(tmp_path):
+    from benchmarks import throughput
+
+    rows = throughput.main(["--smoke", "--jsonl", str(tmp_path / "t.jsonl")])
+    assert [r["inner_steps"] for r in rows] == [1, 2]
+    assert all(r["tasks_per_s"] > 0 and r["compile_s"] > 0 for r in rows)
+    assert len((tmp_path / "t.jsonl").read_text().splitlines()) == 2

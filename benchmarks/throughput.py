@@ -1,0 +1,205 @@
+"""Meta-training throughput of maml_jax per learner, workload and inner-step count.
+
+Question: how many tasks per second does one jitted meta-train step (on-device task
+sampling, meta-gradient and optimizer update, with the state donated) process here,
+how long does it take to compile, and how much memory does the compiled step need?
+
+Workloads (paper protocols; image data random but of the right shape):
+
+* ``sinusoid``: MLP 40-40, K=10 support + 10 query, meta-batch 25.
+* ``omniglot-5w1s``: Conv4 64 filters, stride 2, 28×28, 1 support + 1 query per
+  class, meta-batch 32. ``omniglot-5w1s-q15``: 15 queries per class.
+* ``omniglot-20w1s``: 20 ways, 1 + 1 per class, meta-batch 16.
+* ``miniimagenet-5w1s``: Conv4 32 filters, max-pool, 84×84×3, 1 + 15 per class,
+  meta-batch 4.
+
+For each (learner, workload, order, inner steps) it reports the median and the
+10th/90th percentiles of the step time over ``--repeats`` steps after one warm-up
+step, the compile time, tasks/s and the compiled step's temporary memory
+(``compiled.memory_analysis()``), one JSON line each (``--jsonl`` appends them to a
+file), then a table. On CPU the Conv4 workloads use im2col convolutions with tasks
+in a ``lax.scan`` over chunks of 4 (the fastest measured formulation); elsewhere
+``lax`` convolutions and ``vmap``.
+
+Command: ``python benchmarks/throughput.py --workloads sinusoid omniglot-5w1s
+--learners maml fomaml --inner-steps 1 5``; ``--smoke`` for a seconds-long run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import maml_jax
+from maml_jax import episodes, models, train
+
+WORKLOADS = {
+    "sinusoid": dict(kind="sinusoid", meta_batch=25, inner_lr=0.01),
+    "omniglot-5w1s": dict(
+        kind="omniglot", ways=5, shots=1, queries=1, meta_batch=32, inner_lr=0.4
+    ),
+    "omniglot-5w1s-q15": dict(
+        kind="omniglot", ways=5, shots=1, queries=15, meta_batch=32, inner_lr=0.4
+    ),
+    "omniglot-20w1s": dict(
+        kind="omniglot", ways=20, shots=1, queries=1, meta_batch=16, inner_lr=0.1
+    ),
+    "miniimagenet-5w1s": dict(
+        kind="miniimagenet", ways=5, shots=1, queries=15, meta_batch=4, inner_lr=0.01
+    ),
+}
+LEARNERS = ("maml", "fomaml", "anil", "reptile", "meta_sgd", "imaml")
+
+
+def build(workload: str, learner_name: str, inner_steps: int, first_order: bool):
+    """Returns (state, sampler) for one benchmark configuration."""
+    w = WORKLOADS[workload]
+    cpu = jax.default_backend() == "cpu"
+    if w["kind"] == "sinusoid":
+        model = maml_jax.MLP((40, 40))
+        params = model.init(jax.random.key(0), jnp.zeros((1, 1)))["params"]
+        loss_fn, has_aux = maml_jax.regression_loss(model.apply), False
+        sampler = lambda key: maml_jax.sample_sinusoid_tasks(
+            key, w["meta_batch"], 10, 10
+        )
+        batching, chunk = "vmap", None
+    else:
+        omniglot = w["kind"] == "omniglot"
+        shape = (28, 28, 1) if omniglot else (84, 84, 3)
+        model = models.Conv4(
+            num_classes=w["ways"],
+            filters=64 if omniglot else 32,
+            downsample="stride" if omniglot else "maxpool",
+            head="mean" if omniglot else "flatten",
+            conv_impl="im2col" if cpu else "lax",
+        )
+        params = model.init(jax.random.key(0), jnp.zeros((2, *shape)))["params"]
+        loss_fn = models.classification_loss(model.apply, loss_scale=w["ways"])
+        has_aux = True
+        data = jax.random.uniform(jax.random.key(1), (100, 20, *shape))
+        spec = episodes.EpisodeSpec(w["ways"], w["shots"], w["queries"])
+        sampler = lambda key: episodes.sample_episodes(key, data, spec, w["meta_batch"])
+        batching = "scan" if cpu else "vmap"
+        chunk = max(d for d in range(1, 5) if w["meta_batch"] % d == 0) if cpu else None
+    common = dict(inner_lr=w["inner_lr"], num_inner_steps=inner_steps, has_aux=has_aux)
+    if learner_name in ("maml", "fomaml"):
+        learner = maml_jax.maml(
+            loss_fn, first_order=first_order or learner_name == "fomaml", **common
+        )
+    elif learner_name == "anil":
+        head = "head" if "head" in params else sorted(params)[-1]
+        learner = maml_jax.anil(
+            loss_fn,
+            adapt_mask={k: k == head for k in params},
+            first_order=first_order,
+            **common,
+        )
+    elif learner_name == "reptile":
+        learner = maml_jax.reptile(loss_fn, **common)
+    elif learner_name == "meta_sgd":
+        learner = maml_jax.meta_sgd(loss_fn, first_order=first_order, **common)
+    else:
+        learner = maml_jax.imaml(loss_fn, reg_lambda=2.0, cg_steps=5, **common)
+    state = maml_jax.MetaTrainState.create(
+        params=params,
+        learner=learner,
+        tx=optax.adam(1e-3),
+        batching=batching,
+        chunk_size=chunk,
+    )
+    return state, sampler, w["meta_batch"]
+
+
+def measure(workload, learner_name, inner_steps, first_order, repeats) -> dict:
+    state, sampler, meta_batch = build(workload, learner_name, inner_steps, first_order)
+    step = jax.jit(
+        lambda s, k: train.scan_train_steps(s, k, sampler, 1), donate_argnums=0
+    )
+    t0 = time.perf_counter()
+    compiled = step.lower(state, jax.random.key(0)).compile()
+    compile_s = time.perf_counter() - t0
+    memory = compiled.memory_analysis()
+    temp_mb = getattr(memory, "temp_size_in_bytes", 0) / 2**20 if memory else None
+    state, metrics = compiled(state, jax.random.key(0))
+    jax.block_until_ready(metrics)
+    times = []
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        state, metrics = compiled(state, jax.random.key(i + 1))
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t0)
+    times = np.asarray(times)
+    median = float(np.median(times))
+    return {
+        "workload": workload,
+        "learner": learner_name,
+        "inner_steps": inner_steps,
+        "order": "first"
+        if first_order or learner_name in ("fomaml", "reptile")
+        else "second",
+        "meta_batch": meta_batch,
+        "compile_s": compile_s,
+        "step_ms_median": 1e3 * median,
+        "step_ms_p10": 1e3 * float(np.percentile(times, 10)),
+        "step_ms_p90": 1e3 * float(np.percentile(times, 90)),
+        "tasks_per_s": meta_batch / median,
+        "temp_mb": temp_mb,
+        "device": jax.devices()[0].device_kind,
+    }
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--workloads",
+        nargs="+",
+        default=["sinusoid", "omniglot-5w1s"],
+        choices=sorted(WORKLOADS),
+    )
+    p.add_argument("--learners", nargs="+", default=["maml"], choices=LEARNERS)
+    p.add_argument("--inner-steps", type=int, nargs="+", default=[1])
+    p.add_argument(
+        "--first-order", action="store_true", help="also measure first-order variants"
+    )
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--jsonl", type=Path)
+    p.add_argument("--smoke", action="store_true")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.workloads, args.learners, args.repeats = ["sinusoid"], ["maml"], 3
+        args.inner_steps = [1, 2]
+    rows = []
+    orders = (False, True) if args.first_order else (False,)
+    for workload in args.workloads:
+        for name in args.learners:
+            for steps in args.inner_steps:
+                for first_order in orders:
+                    row = measure(workload, name, steps, first_order, args.repeats)
+                    print(json.dumps(row), flush=True)
+                    if args.jsonl:
+                        with args.jsonl.open("a") as f:
+                            f.write(json.dumps(row) + "\n")
+                    rows.append(row)
+    print(
+        "| workload | learner | order | inner steps | compile (s) | step median (ms)"
+        " | p10–p90 (ms) | tasks/s | temp MB |\n|---|---|---|---|---|---|---|---|---|"
+    )
+    for r in rows:
+        print(
+            f"| {r['workload']} | {r['learner']} | {r['order']} | {r['inner_steps']}"
+            f" | {r['compile_s']:.1f} | {r['step_ms_median']:.2f} | "
+            f"{r['step_ms_p10']:.2f}–{r['step_ms_p90']:.2f} | "
+            f"{r['tasks_per_s']:,.0f} | {r['temp_mb'] or 0:.1f} |"
+        )
+    return rows
+
+
+if __name__ == "__main__":
+    main()
