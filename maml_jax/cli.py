@@ -82,6 +82,11 @@ def _train_parser(sub) -> None:
     p.add_argument("--algorithm", choices=ALGORITHMS)
     p.add_argument("--norm", choices=("transductive", "inductive", "none"))
     p.add_argument("--conv-impl", choices=("lax", "im2col"))
+    p.add_argument(
+        "--precision",
+        choices=("float32", "bfloat16"),
+        help="compute dtype (bfloat16: mixed precision, float32 parameters)",
+    )
     p.add_argument("--batching", choices=("vmap", "scan", "unroll"))
 
 

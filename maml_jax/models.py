@@ -219,6 +219,9 @@ class Conv4(nn.Module):
         only the offset).
       conv_impl: ``"lax"`` or ``"im2col"`` (see ``conv2d``; same values).
       param_dtype: dtype of the parameters (float32, also under ``jax_enable_x64``).
+      dtype: compute dtype of the convolutions and the head (e.g. ``jnp.bfloat16``
+        for mixed precision: parameters stay ``param_dtype``, normalisation
+        statistics and the logits are computed in float32); ``None``: as inputs.
 
     Inputs ``(N, H, W, C)`` give logits ``(N, num_classes)``.
     """
@@ -232,6 +235,7 @@ class Conv4(nn.Module):
     conv_impl: str = "lax"
     eps: float = 1e-5
     param_dtype: Any = jnp.float32
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -258,7 +262,10 @@ class Conv4(nn.Module):
                 (self.filters,),
                 self.param_dtype,
             )
-            x = conv2d(x, kernel, stride=stride, impl=self.conv_impl) + _channels(bias)
+            if self.dtype is not None:
+                x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+            x = conv2d(x, kernel, stride=stride, impl=self.conv_impl)
+            x = x.astype(jnp.promote_types(x.dtype, jnp.float32)) + _channels(bias)
             x = self._normalize(x, block)
             x = nn.relu(x)
             if self.downsample == "maxpool":
@@ -266,7 +273,13 @@ class Conv4(nn.Module):
         x = x.mean(axis=(1, 2)) if self.head == "mean" else x.reshape(x.shape[0], -1)
         if self.num_classes is None:
             return x
-        return nn.Dense(self.num_classes, name="head", param_dtype=self.param_dtype)(x)
+        logits = nn.Dense(
+            self.num_classes,
+            name="head",
+            param_dtype=self.param_dtype,
+            dtype=self.dtype,
+        )(x)
+        return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
 
     def _normalize(self, x: jax.Array, block: int) -> jax.Array:
         if self.norm == "none":

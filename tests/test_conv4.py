@@ -94,3 +94,18 @@ def test_normalisation_modes():
         np.testing.assert_allclose(full[0], alone[0], rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="norm must be one of"):
         models.Conv4(num_classes=2, norm="batch").init(jax.random.key(0), x)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits():
+    x = jax.random.uniform(jax.random.key(6), (4, 28, 28, 1), jnp.float32)
+    full = models.Conv4(num_classes=5, conv_impl="im2col")
+    mixed = models.Conv4(num_classes=5, conv_impl="im2col", dtype=jnp.bfloat16)
+    params = mixed.init(jax.random.key(0), x)["params"]
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+    out = mixed.apply({"params": params}, x)
+    ref = full.apply({"params": params}, x)
+    assert out.dtype == jnp.float32
+    np.testing.assert_allclose(out, ref, atol=0.05 * float(jnp.max(jnp.abs(ref))))
+    loss = models.classification_loss(mixed.apply)
+    grads = jax.grad(lambda p: loss(p, (x, jnp.arange(4)))[0])(params)
+    assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))

@@ -136,6 +136,7 @@ class FewShotConfig:
     grad_clip: float | None = None
     seed: int = 0
     norm: str = "transductive"
+    precision: str = "float32"  # or "bfloat16": compute dtype of Conv4
     conv_impl: str | None = None  # None: "im2col" on CPU, "lax" elsewhere
     batching: str | None = None  # None: "scan" on CPU, "vmap" elsewhere
     chunk_size: int | None = None  # None: 4 for "scan" on CPU
@@ -196,6 +197,8 @@ class FewShotConfig:
                     f"--{name.replace('_', '-')} ({getattr(self, name)}) must be a "
                     f"multiple of --steps-per-call ({self.steps_per_call})."
                 )
+        if self.precision not in ("float32", "bfloat16"):
+            raise ValueError("--precision must be float32 or bfloat16.")
         if self.norm not in models.NORMS:
             raise ValueError(f"--norm must be one of {models.NORMS}.")
 
@@ -287,16 +290,9 @@ def _make_learner(config: FewShotConfig, model, loss_fn):
             loss_fn, has_aux=True, reg_lambda=2.0, cg_steps=5, **common
         )
     if name == "protonet":
-        embed = models.Conv4(
-            num_classes=None,
-            filters=model.filters,
-            downsample=model.downsample,
-            head=model.head,
-            norm=config.norm,
-            conv_impl=model.conv_impl,
-        )
+        # build_learner made ``model`` headless: its features are the embedding.
         return maml_jax.protonet(
-            lambda p, x: embed.apply({"params": p}, x), ways=config.ways
+            lambda p, x: model.apply({"params": p}, x), ways=config.ways
         )
     raise ValueError(f"--algorithm must be one of {', '.join(ALGORITHMS)}.")
 
@@ -311,6 +307,7 @@ def build_learner(config: FewShotConfig, image_shape):
         head="mean" if omniglot else "flatten",
         norm=config.norm,
         conv_impl=config.conv_impl or "lax",
+        dtype=None if config.precision == "float32" else jnp.bfloat16,
     )
     params = model.init(jax.random.key(config.seed), jnp.zeros((2, *image_shape)))
     loss_fn = models.classification_loss(model.apply, loss_scale=config.ways)
