@@ -133,10 +133,11 @@ def _run_train(args) -> None:
 
         sharding.initialize_distributed()
     state = few_shot.train(
-        config,
+        None if args.resume else config,
         args.data_dir,
         args.out,
         resume=args.resume,
+        steps=args.steps if args.resume else None,
         progress=not args.no_progress,
         shard=args.shard or args.distributed,
     )

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import platform
 import shutil
 import signal
@@ -326,15 +327,19 @@ def _check_episodes_fit(config: FewShotConfig, data: np.ndarray, split: str) -> 
 
 
 def train(
-    config: FewShotConfig,
+    config: FewShotConfig | None,
     data_dir,
     out,
     *,
     resume: bool = False,
+    steps: int | None = None,
     progress: bool = True,
     shard: bool = False,
 ) -> maml_jax.MetaTrainState:
     """Meta-trains (or resumes) a run in directory ``out``.
+
+    With ``resume=True`` the run's saved configuration is used (``config`` is
+    ignored and may be ``None``); ``steps`` then changes the run's length.
 
     With ``shard=True`` the task batch is split over every device of every
     process (``maml_jax.sharding``; call ``sharding.initialize_distributed``
@@ -350,8 +355,11 @@ def train(
                 f"--resume: no run to resume at {out} (no config.json)."
             )
         saved = FewShotConfig(**json.loads(config_path.read_text()))
-        config = dataclasses.replace(saved, steps=config.steps)
+        config = saved if steps is None else dataclasses.replace(saved, steps=steps)
+        config.validate()
     else:
+        if steps is not None:
+            config = dataclasses.replace(config, steps=steps)
         if config_path.exists():
             raise FileExistsError(
                 f"{out} already holds a run; pass --resume to continue it or choose "
@@ -371,7 +379,7 @@ def train(
     _check_episodes_fit(config, train_data, "train")
     _check_episodes_fit(config, val_data, "val")
     if not resume and primary:
-        config_path.write_text(json.dumps(dataclasses.asdict(config), indent=2))
+        _write_atomic(config_path, json.dumps(dataclasses.asdict(config), indent=2))
 
     model, params, learner, tx = build_learner(config, train_data.shape[2:])
     state = maml_jax.MetaTrainState.create(
@@ -575,14 +583,28 @@ def _prepare_out(out: Path) -> None:
 
 
 def _truncate_log(path: Path, step: int) -> None:
-    """Drops log records after ``step`` so a resumed log has every step once."""
+    """Drops log records after ``step`` so a resumed log has every step once.
+
+    A line cut short by a crash (the only place one can be is the end) is dropped.
+    """
     if not path.exists():
         return
-    kept = [
-        line
-        for line in path.read_text().splitlines()
-        if line.strip() and json.loads(line)["step"] <= step
-    ]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(path)
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record["step"] <= step:
+            kept.append(line)
+    _write_atomic(path, "".join(line + "\n" for line in kept))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Writes ``text`` to ``path`` so that a crash leaves the old file or the new."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
