@@ -64,14 +64,18 @@ def main(argv=None) -> list[dict]:
             if args.smoke:
                 sin_argv.append("--smoke")
             t0 = time.perf_counter()
-            result = sinusoid.main(sin_argv)["learners"][name]
-            row["sinusoid"] = {
-                "steps": result["steps"],
-                "wall_s": time.perf_counter() - t0,
-                "tasks_per_s": 25 / (result["scanned_ms_per_step"] / 1e3),
-                "mse_5shot": {s: result["5shot"][s]["mse"] for s in ("1", "10")},
-                "ci95_5shot": {s: result["5shot"][s]["ci95"] for s in ("1", "10")},
-            }
+            try:
+                result = sinusoid.main(sin_argv)["learners"][name]
+            except FloatingPointError as error:  # a diverged run is a result too
+                row["sinusoid"] = {"error": str(error)}
+            else:
+                row["sinusoid"] = {
+                    "steps": result["steps"],
+                    "wall_s": time.perf_counter() - t0,
+                    "tasks_per_s": 25 / (result["scanned_ms_per_step"] / 1e3),
+                    "mse_5shot": {s: result["5shot"][s]["mse"] for s in ("1", "10")},
+                    "ci95_5shot": {s: result["5shot"][s]["ci95"] for s in ("1", "10")},
+                }
         if not args.skip_omniglot:
             om_argv = [
                 "--algorithm",
@@ -88,15 +92,20 @@ def main(argv=None) -> list[dict]:
             ]
             if args.smoke:
                 om_argv.append("--smoke")
-            result = omniglot.main(om_argv)
-            row["omniglot"] = {
-                "steps": result["trained_steps"],
-                "wall_s": result["train_seconds"],
-                "tasks_per_s": result["median_tasks_per_s"],
-                "accuracy": result["accuracy"][-1],
-                "ci95": result["accuracy_ci95"][-1],
-                "test_inner_steps": result["inner_steps"],
-            }
+            try:
+                result = omniglot.main(om_argv)
+            except FloatingPointError as error:
+                row["omniglot"] = {"error": str(error)}
+                result = None
+            if result is not None:
+                row["omniglot"] = {
+                    "steps": result["trained_steps"],
+                    "wall_s": result["train_seconds"],
+                    "tasks_per_s": result["median_tasks_per_s"],
+                    "accuracy": result["accuracy"][-1],
+                    "ci95": result["accuracy_ci95"][-1],
+                    "test_inner_steps": result["inner_steps"],
+                }
         print(json.dumps(row), flush=True)
         rows.append(row)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -114,7 +123,9 @@ def table(rows) -> str:
     for row in rows:
         sin, om = row.get("sinusoid"), row.get("omniglot")
         cells = [row["algorithm"]]
-        if sin:
+        if sin and "error" in sin:
+            cells += ["diverged", "diverged", "-"]
+        elif sin:
             cells += [
                 f"{sin['mse_5shot']['1']:.3f} ± {sin['ci95_5shot']['1']:.3f}",
                 f"{sin['mse_5shot']['10']:.3f} ± {sin['ci95_5shot']['10']:.3f}",
@@ -122,7 +133,9 @@ def table(rows) -> str:
             ]
         else:
             cells += ["n/a", "n/a", "n/a"]
-        if om:
+        if om and "error" in om:
+            cells += ["diverged", "-", "-"]
+        elif om:
             cells += [
                 f"{100 * om['accuracy']:.2f} ± {100 * om['ci95']:.2f}",
                 f"{om['tasks_per_s']:.0f}",
