@@ -76,15 +76,14 @@ def test_formulations_smoke():
 
 
 @pytest.mark.slow
-def test_learners_smoke(omniglot_dir, dataset_cache, tmp_path):
+def test_learners_smoke(tmp_path):
     from benchmarks import learners
 
-    rows = learners.main(
-        ["--smoke", "--data-dir", str(omniglot_dir), "--out", str(tmp_path)]
-    )
+    # Omniglot runs are covered by test_omniglot_smoke; here the sinusoid side.
+    rows = learners.main(["--smoke", "--skip-omniglot", "--out", str(tmp_path)])
     assert [r["algorithm"] for r in rows] == ["maml", "protonet"]
     assert "sinusoid" in rows[0] and "sinusoid" not in rows[1]
-    assert all(0 <= r["omniglot"]["accuracy"] <= 1 for r in rows)
+    assert rows[0]["sinusoid"]["mse_5shot"]["1"] > 0
     assert (tmp_path / "learners.json").exists()
 
 
