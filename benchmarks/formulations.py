@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +23,8 @@ import numpy as np
 import optax
 
 import maml_jax
-from maml_jax import episodes, models, train
+from benchmarks._timing import time_sampled_step
+from maml_jax import episodes, models
 
 FORMULATIONS = (  # (conv_impl, batching, chunk_size)
     ("lax", "vmap", None),
@@ -56,20 +56,7 @@ def time_formulation(conv_impl, batching, chunk, *, meta_batch, queries, repeats
         chunk_size=chunk,
     )
     sampler = lambda key: episodes.sample_episodes(key, data, spec, meta_batch)
-    step = jax.jit(
-        lambda s, k: train.scan_train_steps(s, k, sampler, 1), donate_argnums=0
-    )
-    t0 = time.perf_counter()
-    compiled = step.lower(state, jax.random.key(0)).compile()
-    compile_s = time.perf_counter() - t0
-    state, metrics = compiled(state, jax.random.key(0))
-    jax.block_until_ready(metrics)
-    times = []
-    for i in range(repeats):
-        t0 = time.perf_counter()
-        state, metrics = compiled(state, jax.random.key(i + 1))
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - t0)
+    compile_s, times, _ = time_sampled_step(state, sampler, repeats)
     return {
         "conv_impl": conv_impl,
         "batching": batching,
@@ -78,7 +65,7 @@ def time_formulation(conv_impl, batching, chunk, *, meta_batch, queries, repeats
         "queries_per_class": queries,
         "compile_s": compile_s,
         "step_ms_median": 1e3 * float(np.median(times)),
-        "step_ms_min": 1e3 * min(times),
+        "step_ms_min": 1e3 * float(np.min(times)),
         "tasks_per_s": meta_batch / float(np.median(times)),
     }
 

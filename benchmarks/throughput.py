@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import jax
@@ -38,7 +37,8 @@ import numpy as np
 import optax
 
 import maml_jax
-from maml_jax import episodes, models, train
+from benchmarks._timing import time_sampled_step
+from maml_jax import episodes, models
 
 WORKLOADS = {
     "sinusoid": dict(kind="sinusoid", meta_batch=25, inner_lr=0.01),
@@ -119,23 +119,7 @@ def build(workload: str, learner_name: str, inner_steps: int, first_order: bool)
 
 def measure(workload, learner_name, inner_steps, first_order, repeats) -> dict:
     state, sampler, meta_batch = build(workload, learner_name, inner_steps, first_order)
-    step = jax.jit(
-        lambda s, k: train.scan_train_steps(s, k, sampler, 1), donate_argnums=0
-    )
-    t0 = time.perf_counter()
-    compiled = step.lower(state, jax.random.key(0)).compile()
-    compile_s = time.perf_counter() - t0
-    memory = compiled.memory_analysis()
-    temp_mb = getattr(memory, "temp_size_in_bytes", 0) / 2**20 if memory else None
-    state, metrics = compiled(state, jax.random.key(0))
-    jax.block_until_ready(metrics)
-    times = []
-    for i in range(repeats):
-        t0 = time.perf_counter()
-        state, metrics = compiled(state, jax.random.key(i + 1))
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - t0)
-    times = np.asarray(times)
+    compile_s, times, temp_mb = time_sampled_step(state, sampler, repeats)
     median = float(np.median(times))
     return {
         "workload": workload,

@@ -4,6 +4,7 @@ from maml_jax.algorithms import anil, fomaml, maml
 from maml_jax.checkpoint import Checkpointer, CorruptCheckpointError, RestoredCheckpoint
 from maml_jax.core import (
     adaptation_curve,
+    adapted_query_loss,
     as_task_batch,
     batch_meta_loss,
     evaluate_loss,
@@ -41,6 +42,7 @@ from maml_jax.types import Batch, MetaLearner, MetaParams, Params, Task
 __version__ = "0.1.0"
 
 __all__ = [
+    "adapted_query_loss",
     "imaml",
     "StopTraining",
     "class_prototypes",

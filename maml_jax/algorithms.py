@@ -90,11 +90,9 @@ def maml(
     def meta_loss(meta_params: Params, task: Task):
         _validation.check_task(task, "meta_loss")
         task_params, support_losses = run_inner(meta_params, task.support)
-        loss, _ = core.evaluate_loss(loss_fn, task_params, task.query, has_aux=has_aux)
-        aux = core.task_metrics(
+        return core.adapted_query_loss(
             loss_fn, meta_params, task_params, task, support_losses, has_aux=has_aux
         )
-        return loss, aux
 
     def adaptation_curve(meta_params: Params, task: Task, num_steps: int):
         _validation.check_lr_matches_params("inner_lr", inner_lr, meta_params)
@@ -241,11 +239,9 @@ def anil(
     def meta_loss(meta_params, task: Task):
         _validation.check_task(task, "meta_loss")
         task_params, support_losses = run_inner(meta_params, task.support)
-        loss, _ = core.evaluate_loss(loss_fn, task_params, task.query, has_aux=has_aux)
-        aux = core.task_metrics(
+        return core.adapted_query_loss(
             loss_fn, meta_params, task_params, task, support_losses, has_aux=has_aux
         )
-        return loss, aux
 
     def adaptation_curve(meta_params, task: Task, num_steps: int):
         adapted, frozen, merge = split(meta_params)

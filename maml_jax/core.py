@@ -189,6 +189,27 @@ def task_metrics(
     return aux
 
 
+def adapted_query_loss(
+    loss_fn: LossFn,
+    params: Params,
+    task_params: Params,
+    task: Task,
+    support_losses: jax.Array,
+    *,
+    has_aux: bool = False,
+) -> tuple[jax.Array, Aux]:
+    """The meta-loss ``L_Q(task_params)`` of one task and its ``task_metrics`` aux.
+
+    ``params`` are the parameters before adaptation; ``support_losses[0]`` is the
+    support loss before the first inner step.
+    """
+    loss, _ = evaluate_loss(loss_fn, task_params, task.query, has_aux=has_aux)
+    aux = task_metrics(
+        loss_fn, params, task_params, task, support_losses, has_aux=has_aux
+    )
+    return loss, aux
+
+
 def batch_meta_loss(
     learner: MetaLearner, meta_params: MetaParams, tasks: Task
 ) -> tuple[jax.Array, Aux]:

@@ -142,16 +142,14 @@ def imaml(
     def meta_loss(meta_params: Params, task: Task) -> tuple[jax.Array, Aux]:
         _validation.check_task(task, "meta_loss")
         task_params = adapt(meta_params, task.support)
-        loss, _ = core.evaluate_loss(loss_fn, task_params, task.query, has_aux=has_aux)
         # The inner scan keeps no per-step losses (memory independent of K);
         # task_metrics only reads the support loss before adaptation.
         support_pre, _ = core.evaluate_loss(
             loss_fn, meta_params, task.support, has_aux=has_aux
         )
-        aux = core.task_metrics(
+        return core.adapted_query_loss(
             loss_fn, meta_params, task_params, task, support_pre[None], has_aux=has_aux
         )
-        return loss, aux
 
     def adaptation_curve(meta_params: Params, task: Task, num_steps: int) -> Aux:
         _validation.check_lr_matches_params("inner_lr", inner_lr, meta_params)

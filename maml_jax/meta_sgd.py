@@ -258,8 +258,7 @@ def _learner(
     def default_meta_loss(meta_params, task: Task):
         _validation.check_task(task, "meta_loss")
         task_params, support_losses = run_inner(meta_params, task.support)
-        loss, _ = core.evaluate_loss(loss_fn, task_params, task.query, has_aux=has_aux)
-        aux = core.task_metrics(
+        return core.adapted_query_loss(
             loss_fn,
             split(meta_params)[0],
             task_params,
@@ -267,7 +266,6 @@ def _learner(
             support_losses,
             has_aux=has_aux,
         )
-        return loss, aux
 
     def adaptation_curve(meta_params, task: Task, num_steps: int):
         params, lrs, per_step = split(meta_params)

@@ -48,47 +48,14 @@ def _final_params(run_dir):
 
 
 @pytest.mark.slow
-def test_train_eval_and_exact_resume(omniglot_dir, dataset_cache, tmp_path, capsys):
-    full, part = tmp_path / "full", tmp_path / "part"
+def test_train_then_eval(omniglot_dir, dataset_cache, tmp_path, capsys):
+    # Bit-exact resume is tested in test_faults.py (after SIGKILL at five points).
+    full = tmp_path / "full"
     _train(omniglot_dir, full, "--steps", "4")
     records = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [2, 4]
     assert all("eval/val_accuracy" in r for r in records)
     assert (full / "learning_curve.png").stat().st_size > 10_000
-
-    # Stop after 2 steps, resume to 4: identical parameters and optimizer state,
-    # and a metrics log with every logged step exactly once.
-    _train(omniglot_dir, part, "--steps", "2")
-    assert (
-        cli.main(
-            [
-                "train",
-                "--preset",
-                "omniglot-5w1s",
-                "--data-dir",
-                str(omniglot_dir),
-                "--out",
-                str(part),
-                "--resume",
-                "--steps",
-                "4",
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
-    a, b = _final_params(full), _final_params(part)
-    assert a.step == b.step == 4
-    for x, y in zip(
-        __import__("jax").tree.leaves(a.state),
-        __import__("jax").tree.leaves(b.state),
-        strict=True,
-    ):
-        np.testing.assert_array_equal(x, y)
-    resumed = [
-        json.loads(x)["step"] for x in (part / "metrics.jsonl").read_text().splitlines()
-    ]
-    assert resumed == [2, 4]
 
     capsys.readouterr()
     assert (
@@ -272,8 +239,8 @@ def test_sigterm_saves_a_checkpoint_and_resume_is_exact(
     logged = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
     assert logged[-1] == stopped.step and stopped.step < 400
 
-    # Resume to a few steps past the stop and compare with an uninterrupted run,
-    # both in fresh processes (like the stopped one: x64 off, as users run it).
+    # Resume to a few steps past the stop in a fresh process. (That resumed runs
+    # are bit-identical to uninterrupted ones is tested in test_faults.py.)
     target = str(stopped.step + 4)
     resume = _run_cli(
         "train",
@@ -289,26 +256,8 @@ def test_sigterm_saves_a_checkpoint_and_resume_is_exact(
         "--no-progress",
     )
     assert resume.returncode == 0, resume.stderr
-    full = tmp_path / "full"
-    uninterrupted = _run_cli(
-        "train",
-        *SMALL,
-        "--steps",
-        target,
-        "--checkpoint-every",
-        "200",
-        "--eval-every",
-        "200",
-        "--data-dir",
-        str(omniglot_dir),
-        "--out",
-        str(full),
-    )
-    assert uninterrupted.returncode == 0, uninterrupted.stderr
-    a, b = _final_params(full), _final_params(run)
-    assert a.step == b.step == int(target)
-    for x, y in zip(jax.tree.leaves(a.state), jax.tree.leaves(b.state), strict=True):
-        np.testing.assert_array_equal(x, y)
+    resumed = _final_params(run)
+    assert resumed.step == int(target)
     steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
     assert steps == sorted(set(steps))  # every logged step once
 

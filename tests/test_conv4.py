@@ -73,7 +73,9 @@ def test_second_order_meta_gradient_is_the_same_for_both_conv_impls(downsample):
             num_inner_steps=2,
             has_aux=True,
         )
-        grads[impl] = jax.grad(lambda p, f=learner.meta_loss: f(p, task)[0])(params)
+        grads[impl] = jax.jit(jax.grad(lambda p, f=learner.meta_loss: f(p, task)[0]))(
+            params
+        )
     chex.assert_trees_all_close(grads["lax"], grads["im2col"], rtol=1e-9, atol=1e-12)
 
 
@@ -107,5 +109,5 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
     assert out.dtype == jnp.float32
     np.testing.assert_allclose(out, ref, atol=0.05 * float(jnp.max(jnp.abs(ref))))
     loss = models.classification_loss(mixed.apply)
-    grads = jax.grad(lambda p: loss(p, (x, jnp.arange(4)))[0])(params)
+    grads = jax.jit(jax.grad(lambda p: loss(p, (x, jnp.arange(4)))[0]))(params)
     assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
