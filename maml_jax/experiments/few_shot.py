@@ -41,6 +41,7 @@ import optax
 import maml_jax
 from maml_jax import episodes, models, sharding
 from maml_jax.checkpoint import Checkpointer
+from maml_jax.experiments import sinusoid
 
 PRESETS: dict[str, dict[str, Any]] = {
     "omniglot-5w1s": dict(
@@ -251,16 +252,8 @@ def load_classes(config: FewShotConfig, data_dir, split: str) -> np.ndarray:
     return datasets.load_miniimagenet(data_dir, name).images
 
 
-ALGORITHMS = (
-    "maml",
-    "fomaml",
-    "anil",
-    "reptile",
-    "meta_sgd",
-    "maml_plus_plus",
-    "imaml",
-    "protonet",
-)
+# The gradient learners of the sinusoid protocol, plus the metric baseline.
+ALGORITHMS = (*sinusoid.ALGORITHMS, "protonet")
 
 
 def _make_learner(config: FewShotConfig, model, loss_fn):
