@@ -48,6 +48,17 @@ WORKLOADS = {
     "omniglot-5w1s-q15": dict(
         kind="omniglot", ways=5, shots=1, queries=15, meta_batch=32, inner_lr=0.4
     ),
+    # The reference workload of ../shared/PERF-NOTES.md and issue 5: 2×2 max-pool
+    # downsampling (as learn2learn's OmniglotCNN), 15 queries per class.
+    "omniglot-5w1s-q15-maxpool": dict(
+        kind="omniglot",
+        ways=5,
+        shots=1,
+        queries=15,
+        meta_batch=32,
+        inner_lr=0.4,
+        downsample="maxpool",
+    ),
     "omniglot-20w1s": dict(
         kind="omniglot", ways=20, shots=1, queries=1, meta_batch=16, inner_lr=0.1
     ),
@@ -76,7 +87,7 @@ def build(workload: str, learner_name: str, inner_steps: int, first_order: bool)
         model = models.Conv4(
             num_classes=w["ways"],
             filters=64 if omniglot else 32,
-            downsample="stride" if omniglot else "maxpool",
+            downsample=w.get("downsample", "stride" if omniglot else "maxpool"),
             head="mean" if omniglot else "flatten",
             conv_impl="im2col" if cpu else "lax",
         )

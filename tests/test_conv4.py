@@ -39,12 +39,46 @@ def test_im2col_convolution_equals_lax(stride, size):
     )
 
 
-def test_slice_max_pool_equals_reduce_window():
-    x = jax.random.normal(jax.random.key(2), (2, 11, 10, 3), jnp.float64)
-    ref = jax.lax.reduce_window(
+def _reduce_window_max_pool(x):
+    return jax.lax.reduce_window(
         x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID"
     )
-    np.testing.assert_array_equal(models.max_pool_2x2(x), ref)
+
+
+def _tied_images():
+    """Integer-valued images: many windows hold several equal maxima."""
+    x = jax.random.randint(jax.random.key(3), (2, 11, 10, 3), 0, 3)
+    return x.astype(jnp.float64)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_max_pool_equals_reduce_window_in_value_and_gradient(tied):
+    x = _tied_images() if tied else jax.random.normal(jax.random.key(2), (2, 11, 10, 3))
+    np.testing.assert_array_equal(models.max_pool_2x2(x), _reduce_window_max_pool(x))
+    # select_and_scatter (reduce_window's transpose) routes each window's cotangent to
+    # its first maximal member, as PyTorch's MaxPool2d does; so must the custom vjp.
+    g = jax.random.normal(jax.random.key(4), (2, 5, 5, 3), jnp.float64)
+    ours = jax.vjp(models.max_pool_2x2, x)[1](g)[0]
+    ref = jax.vjp(_reduce_window_max_pool, x)[1](g)[0]
+    np.testing.assert_array_equal(ours, ref)
+    if tied:  # each window's cotangent lands exactly once
+        np.testing.assert_allclose(ours.sum(), g.sum(), rtol=1e-12)
+
+
+def test_max_pool_second_order_gradients_and_vmap():
+    x = jax.random.normal(jax.random.key(5), (2, 6, 7, 2), jnp.float64)
+    jax.test_util.check_grads(
+        lambda x: jnp.sum(jnp.sin(models.max_pool_2x2(x))),
+        (x,),
+        order=2,
+        modes=["rev"],
+    )
+    batched = jax.vmap(jax.grad(lambda x: jnp.sum(models.max_pool_2x2(x) ** 2)))
+    xs = jnp.stack([x, 2 * x])
+    looped = [
+        jax.grad(lambda x: jnp.sum(_reduce_window_max_pool(x) ** 2))(v) for v in xs
+    ]
+    np.testing.assert_allclose(batched(xs), np.stack(looped), rtol=1e-12)
 
 
 def _task(key, ways=3, image=(16, 16, 1)):
