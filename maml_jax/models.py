@@ -167,7 +167,39 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int, impl: str) -> jax.Ar
         ],
         axis=-1,
     )
-    return patches @ kernel.reshape(kh * kw * c_in, c_out)
+    return patch_matmul(patches, kernel.reshape(kh * kw * c_in, c_out))
+
+
+@jax.custom_vjp
+def patch_matmul(patches: jax.Array, kernel: jax.Array) -> jax.Array:
+    """``patches @ kernel`` for im2col patches ``(..., K)`` and a kernel ``(K, F)``.
+
+    Its gradient is the usual one, ``(g @ kernelᵀ, patchesᵀ g)``, with the kernel
+    gradient written so that XLA transposes the narrower of ``patches`` and ``g``:
+    left to itself, XLA:CPU transposes the activation gradient ``g`` even where the
+    patches are far narrower (the first layer's nine columns against 64), an extra
+    pass over the largest tensor of the network. The backward is itself plain,
+    differentiable JAX, so second-order meta-gradients go through it.
+    """
+    return patches @ kernel
+
+
+def _patch_matmul_fwd(patches, kernel):
+    return patches @ kernel, (patches, kernel)
+
+
+def _patch_matmul_bwd(residuals, g):
+    patches, kernel = residuals
+    rows = patches.reshape(-1, patches.shape[-1])
+    grads = g.reshape(-1, g.shape[-1])
+    if rows.shape[1] <= grads.shape[1]:
+        d_kernel = jnp.einsum("mf,mk->fk", grads, rows).T
+    else:
+        d_kernel = jnp.einsum("mk,mf->kf", rows, grads)
+    return g @ kernel.T, d_kernel.astype(kernel.dtype)
+
+
+patch_matmul.defvjp(_patch_matmul_fwd, _patch_matmul_bwd)
 
 
 def _pool_windows(x: jax.Array) -> tuple[jax.Array, ...]:

@@ -39,6 +39,21 @@ def test_im2col_convolution_equals_lax(stride, size):
     )
 
 
+@pytest.mark.parametrize("k,f", [(9, 4), (18, 4)])
+def test_patch_matmul_gradients(k, f):
+    # Both branches of the kernel gradient (patches narrower or wider than g), to
+    # second order, against finite differences.
+    kp, kk = jax.random.split(jax.random.key(6))
+    patches = jax.random.normal(kp, (2, 5, k), jnp.float64)
+    kernel = jax.random.normal(kk, (k, f), jnp.float64)
+    jax.test_util.check_grads(
+        lambda p, w: jnp.sum(jnp.tanh(models.patch_matmul(p, w))),
+        (patches, kernel),
+        order=2,
+        modes=["rev"],
+    )
+
+
 def _reduce_window_max_pool(x):
     return jax.lax.reduce_window(
         x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID"
