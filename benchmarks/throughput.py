@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
+import time
 from pathlib import Path
 
 import jax
@@ -128,8 +130,70 @@ def build(workload: str, learner_name: str, inner_steps: int, first_order: bool)
     return state, sampler, w["meta_batch"]
 
 
-def measure(workload, learner_name, inner_steps, first_order, repeats) -> dict:
+def step_flops(state, sampler) -> float | None:
+    """XLA's FLOP count of one meta-train step, from the lowered (unoptimised) HLO.
+
+    XLA's cost analysis counts a ``while`` body once, so the count is taken with
+    the tasks batched by ``vmap`` (the same arithmetic as every other batching).
+    """
+    flat = state.replace(batching="vmap", chunk_size=None)
+    step = jax.jit(lambda s, k: maml_jax.train.scan_train_steps(s, k, sampler, 1))
+    cost = step.lower(flat, jax.random.key(0)).cost_analysis()
+    if isinstance(cost, list | tuple):
+        cost = cost[0] if cost else None
+    return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+def matmul_ceiling(size: int = 2048, repeats: int = 10) -> float:
+    """This machine's float32 matmul rate in GFLOP/s (best of ``repeats``)."""
+    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
+    matmul = jax.jit(lambda a: a @ a).lower(a).compile()
+    jax.block_until_ready(matmul(a))
+    best = np.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(matmul(a))
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size**3 / best / 1e9
+
+
+def feeding_fraction(state, sampler, repeats: int, steps_per_call: int) -> float:
+    """Share of the meta-step spent sampling tasks on device.
+
+    Times ``steps_per_call`` scanned meta-steps that sample their tasks against the
+    same steps fed one fixed, pre-sampled batch; the fraction is
+    ``1 − fixed / sampled`` (noise can make it slightly negative).
+    """
+    fixed_tasks = jax.jit(sampler)(jax.random.key(0))
+
+    def per_step(sample) -> float:
+        step = jax.jit(
+            lambda s, k: maml_jax.train.scan_train_steps(s, k, sample, steps_per_call)
+        )
+        compiled = step.lower(state, jax.random.key(0)).compile()
+        jax.block_until_ready(compiled(state, jax.random.key(0)))
+        times = []
+        for i in range(repeats):
+            t0 = time.perf_counter()
+            jax.block_until_ready(compiled(state, jax.random.key(i + 1)))
+            times.append(time.perf_counter() - t0)
+        return float(np.median(times)) / steps_per_call
+
+    sampled, fixed = per_step(sampler), per_step(lambda key: fixed_tasks)
+    return 1.0 - fixed / sampled
+
+
+def measure(
+    workload, learner_name, inner_steps, first_order, repeats, ceiling=None
+) -> dict:
     state, sampler, meta_batch = build(workload, learner_name, inner_steps, first_order)
+    flops = step_flops(state, sampler)
+    # Feeding is timed on a scan of many steps where steps are short, so that
+    # dispatch does not hide it; a few repeats suffice for the slow workloads.
+    fast = workload == "sinusoid"
+    feeding = feeding_fraction(
+        state, sampler, repeats if fast else 3, 200 if fast else 1
+    )
     compile_s, times, temp_mb = time_sampled_step(state, sampler, repeats)
     median = float(np.median(times))
     return {
@@ -146,6 +210,12 @@ def measure(workload, learner_name, inner_steps, first_order, repeats) -> dict:
         "step_ms_p90": 1e3 * float(np.percentile(times, 90)),
         "tasks_per_s": meta_batch / median,
         "temp_mb": temp_mb,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "gflop_per_step": flops / 1e9 if flops else None,
+        "gflop_per_s": flops / median / 1e9 if flops else None,
+        "ceiling_gflop_per_s": ceiling,
+        "peak_fraction": flops / median / 1e9 / ceiling if flops and ceiling else None,
+        "sampling_fraction": feeding,
         "device": jax.devices()[0].device_kind,
     }
 
@@ -170,13 +240,17 @@ def main(argv=None) -> list[dict]:
     if args.smoke:
         args.workloads, args.learners, args.repeats = ["sinusoid"], ["maml"], 3
         args.inner_steps = [1, 2]
+    ceiling = matmul_ceiling()
+    print(f"float32 matmul ceiling: {ceiling:.0f} GFLOP/s", flush=True)
     rows = []
     orders = (False, True) if args.first_order else (False,)
     for workload in args.workloads:
         for name in args.learners:
             for steps in args.inner_steps:
                 for first_order in orders:
-                    row = measure(workload, name, steps, first_order, args.repeats)
+                    row = measure(
+                        workload, name, steps, first_order, args.repeats, ceiling
+                    )
                     print(json.dumps(row), flush=True)
                     if args.jsonl:
                         with args.jsonl.open("a") as f:
@@ -184,14 +258,17 @@ def main(argv=None) -> list[dict]:
                     rows.append(row)
     print(
         "| workload | learner | order | inner steps | compile (s) | step median (ms)"
-        " | p10–p90 (ms) | tasks/s | temp MB |\n|---|---|---|---|---|---|---|---|---|"
+        " | p10–p90 (ms) | tasks/s | temp MB | GFLOP/step | % of matmul peak"
+        " | sampling % |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     for r in rows:
         print(
             f"| {r['workload']} | {r['learner']} | {r['order']} | {r['inner_steps']}"
             f" | {r['compile_s']:.1f} | {r['step_ms_median']:.2f} | "
             f"{r['step_ms_p10']:.2f}–{r['step_ms_p90']:.2f} | "
-            f"{r['tasks_per_s']:,.0f} | {r['temp_mb'] or 0:.1f} |"
+            f"{r['tasks_per_s']:,.0f} | {r['temp_mb'] or 0:.1f} | "
+            f"{r['gflop_per_step'] or 0:.2f} | {100 * (r['peak_fraction'] or 0):.1f} | "
+            f"{100 * r['sampling_fraction']:.1f} |"
         )
     return rows
 
