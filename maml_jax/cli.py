@@ -7,9 +7,11 @@
 * ``maml-jax sinusoid [options]`` — the MAML paper's sinusoid regression.
 
 Errors in what the user gave print one line and exit with status 2 (``--debug``
-shows the traceback). SIGTERM or SIGINT during ``train`` finishes the current chunk
-of steps, saves a checkpoint and exits with status 128 + signal number (143 / 130)
-and a one-line message; ``--resume`` continues exactly.
+shows the traceback); so does a non-finite meta-loss or meta-gradient during
+``train`` unless ``--on-nonfinite skip`` skips such steps and counts them.
+SIGTERM or SIGINT during ``train`` finishes the current chunk of steps, saves a
+checkpoint and exits with status 128 + signal number (143 / 130) and a one-line
+message; ``--resume`` continues exactly.
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ def _train_parser(sub) -> None:
         ("checkpoint-every", int),
         ("steps-per-call", int),
         ("chunk-size", int),
+        ("filters", int),
     ):
         p.add_argument(f"--{name}", type=kind)
     p.add_argument("--algorithm", choices=ALGORITHMS)
@@ -88,6 +91,13 @@ def _train_parser(sub) -> None:
         help="compute dtype (bfloat16: mixed precision, float32 parameters)",
     )
     p.add_argument("--batching", choices=("vmap", "scan", "unroll"))
+    p.add_argument(
+        "--on-nonfinite",
+        choices=("stop", "skip"),
+        help="a step with a NaN/inf meta-loss or meta-gradient: stop training "
+        "(default; names the step and the last good checkpoint) or skip its update "
+        "and count it (skipped_steps in the log); may change on --resume",
+    )
 
 
 def _eval_parser(sub) -> None:
@@ -120,9 +130,11 @@ def _run_train(args) -> None:
         )
     }
     config = few_shot.FewShotConfig.from_preset(args.preset, **overrides)
-    if args.resume and any(v is not None for k, v in overrides.items() if k != "steps"):
+    changed = [k for k, v in overrides.items() if v is not None]
+    if args.resume and set(changed) - {"steps", "on_nonfinite"}:
         raise ValueError(
-            "--resume takes the run's saved configuration; only --steps may change."
+            "--resume takes the run's saved configuration; only --steps and "
+            "--on-nonfinite may change."
         )
     if not args.data_dir.is_dir():
         raise FileNotFoundError(
@@ -140,8 +152,11 @@ def _run_train(args) -> None:
         steps=args.steps if args.resume else None,
         progress=not args.no_progress,
         shard=args.shard or args.distributed,
+        on_nonfinite=args.on_nonfinite if args.resume else None,
     )
-    print(f"trained to step {int(state.step)}; run directory {args.out}")
+    skipped = int(state.skipped_steps)
+    note = f" ({skipped} non-finite steps skipped)" if skipped else ""
+    print(f"trained to step {int(state.step)}{note}; run directory {args.out}")
 
 
 def _run_eval(args) -> None:
@@ -179,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     _eval_parser(sub)
     sub.add_parser("sinusoid", help="sinusoid regression (maml-jax sinusoid --help)")
     args = parser.parse_args(argv)
+    from maml_jax.checkpoint import CorruptCheckpointError
     from maml_jax.experiments.few_shot import TrainingInterrupted
 
     try:
@@ -186,7 +202,13 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as stopped:
         print(f"maml-jax {args.command}: {stopped}", file=sys.stderr)
         return 128 + stopped.signum
-    except (ValueError, TypeError, OSError, FloatingPointError) as error:
+    except (
+        ValueError,
+        TypeError,
+        OSError,
+        FloatingPointError,
+        CorruptCheckpointError,
+    ) as error:
         if args.debug:
             raise
         print(f"maml-jax {args.command}: error: {error}", file=sys.stderr)

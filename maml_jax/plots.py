@@ -26,10 +26,12 @@ def learning_curve(metrics_path, png_path, *, title: str = "") -> Path:
     ]
     steps = [r["step"] for r in records]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
-    ax_loss.plot(steps, [r["loss"] for r in records], lw=0.8)
+    losses = [r["loss"] for r in records]
+    ax_loss.plot(steps, losses, lw=0.8)
     ax_loss.set_xlabel("meta-step")
     ax_loss.set_ylabel("meta-loss")
-    ax_loss.set_yscale("log")
+    if losses and min(losses) > 0:  # a log axis needs positive values
+        ax_loss.set_yscale("log")
     has_accuracy = bool(records) and "query_accuracy_post" in records[0]
     name = "query_accuracy" if has_accuracy else "query_loss"
     for suffix, label in (("_pre", "before adaptation"), ("_post", "after adaptation")):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -22,6 +23,9 @@ from maml_jax.types import Aux, MetaLearner, MetaParams, Params, Task
 TaskSampler = Callable[[jax.Array], Task]
 """``key -> Task`` batch; traced inside the jitted step (on-device sampling)."""
 
+NONFINITE = ("raise", "skip")
+"""What ``fit`` does with a step whose meta-loss or meta-gradient is not finite."""
+
 
 class StopTraining(Exception):
     """Raised by a ``fit`` callback to end training after the current chunk."""
@@ -31,9 +35,13 @@ class MetaTrainState(struct.PyTreeNode):
     """Meta-training state in the style of ``flax.training.train_state.TrainState``.
 
     Attributes:
-      step: number of meta-updates applied (an int32 scalar array).
+      step: number of meta-steps taken (an int32 scalar array), skipped ones
+        included.
       meta_params: the meta-parameters being learned.
       opt_state: the outer optimizer's state.
+      skipped_steps: how many of those steps were skipped because their
+        meta-loss or meta-gradient was not finite (``nonfinite="skip"``); an
+        int32 scalar array, so it is checkpointed and survives a resume.
       learner: the ``MetaLearner`` (static).
       tx: the outer ``optax`` optimizer (static).
       batching: how tasks are batched in ``core.meta_value_and_grad`` (static).
@@ -43,6 +51,7 @@ class MetaTrainState(struct.PyTreeNode):
     step: jax.Array
     meta_params: MetaParams
     opt_state: optax.OptState
+    skipped_steps: jax.Array
     learner: MetaLearner = struct.field(pytree_node=False)
     tx: optax.GradientTransformation = struct.field(pytree_node=False)
     batching: str = struct.field(pytree_node=False, default="vmap")
@@ -74,6 +83,7 @@ class MetaTrainState(struct.PyTreeNode):
             step=jnp.zeros((), jnp.int32),
             meta_params=meta_params,
             opt_state=tx.init(meta_params),
+            skipped_steps=jnp.zeros((), jnp.int32),
             learner=learner,
             tx=tx,
             batching=batching,
@@ -90,13 +100,26 @@ class MetaTrainState(struct.PyTreeNode):
         )
 
 
-def train_step(state: MetaTrainState, tasks: Task) -> tuple[MetaTrainState, Aux]:
+def train_step(
+    state: MetaTrainState, tasks: Task, *, nonfinite: str = "raise"
+) -> tuple[MetaTrainState, Aux]:
     """One meta-update on a batch of tasks (not jitted; see ``meta_train_step``).
+
+    Args:
+      state: the current state.
+      tasks: a batch of tasks.
+      nonfinite: ``"raise"`` applies every update (``fit`` then stops at a
+        non-finite step); ``"skip"``: if the meta-loss or the meta-gradient's
+        norm is not finite (NaN or ±inf), ``meta_params`` and ``opt_state`` are
+        kept bit for bit, ``step`` still advances (the next step samples new
+        tasks) and ``skipped_steps`` is incremented.
 
     Returns:
       ``(new_state, metrics)`` with scalar metrics: ``loss``, ``grad_norm`` and
-      the task-mean of every per-task aux value (pre/post adaptation losses...).
+      the task-mean of every per-task aux value (pre/post adaptation losses...);
+      with ``nonfinite="skip"`` also ``skipped`` (a bool, this step's verdict).
     """
+    _check_nonfinite(nonfinite)
     learner = state.learner
     if learner.at_step is not None:
         learner = learner.at_step(state.step)
@@ -109,13 +132,32 @@ def train_step(state: MetaTrainState, tasks: Task) -> tuple[MetaTrainState, Aux]
     )
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
     metrics.update({k: jnp.mean(v) for k, v in aux.items()})
-    return state.apply_gradients(grads=grads), metrics
+    new_state = state.apply_gradients(grads=grads)
+    if nonfinite == "skip":
+        # A select inside the jitted step (no host round trip). Not
+        # ``optax.apply_if_finite``: that checks only the gradients, keeps its
+        # counter in the optimizer state (so the caller must wrap ``tx``) and
+        # applies the update after ``max_consecutive_errors`` bad steps.
+        finite = jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"])
+        meta_params, opt_state = optax.tree.where(
+            finite,
+            (new_state.meta_params, new_state.opt_state),
+            (state.meta_params, state.opt_state),
+        )
+        new_state = new_state.replace(
+            meta_params=meta_params,
+            opt_state=opt_state,
+            skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32),
+        )
+        metrics["skipped"] = ~finite
+    return new_state, metrics
 
 
-meta_train_step = jax.jit(train_step, donate_argnums=0)
+meta_train_step = jax.jit(train_step, donate_argnums=0, static_argnames=("nonfinite",))
 meta_train_step.__doc__ = """Jitted ``train_step``; the state is donated (in place).
 
 Do not reuse the ``state`` passed in: its buffers are given to the new state.
+``nonfinite`` (``"raise"`` or ``"skip"``) is static.
 """
 
 
@@ -124,12 +166,15 @@ def scan_train_steps(
     key: jax.Array,
     sample_tasks: TaskSampler,
     num_steps: int,
+    *,
+    nonfinite: str = "raise",
 ) -> tuple[MetaTrainState, Aux]:
     """``num_steps`` meta-updates in one ``lax.scan``, sampling tasks on device.
 
     Step ``s`` (the global ``state.step``) draws its tasks from
     ``jax.random.fold_in(key, s)``, so a run is identical whether it is split
     into one call or many, and resuming from a saved state continues exactly.
+    ``nonfinite`` is passed to ``train_step``.
 
     Returns:
       ``(new_state, metrics)`` with every metric stacked to shape ``(num_steps,)``.
@@ -137,7 +182,7 @@ def scan_train_steps(
 
     def body(state, _):
         tasks = sample_tasks(jax.random.fold_in(key, state.step))
-        return train_step(state, tasks)
+        return train_step(state, tasks, nonfinite=nonfinite)
 
     return jax.lax.scan(body, state, None, length=num_steps)
 
@@ -200,6 +245,7 @@ def fit(
     metrics_path: str | os.PathLike | None = None,
     progress: bool = True,
     callbacks: tuple[Callable[[MetaTrainState, dict[str, Any]], None], ...] = (),
+    nonfinite: str = "raise",
 ) -> MetaTrainState:
     """Meta-trains until ``state.step == num_steps``.
 
@@ -210,6 +256,15 @@ def fit(
     accuracy if the loss reports one, tasks/s), to ``metrics_path`` as one JSON
     object per line, and to ``callbacks(state, record)``. ``eval_fn(state)`` runs every
     ``eval_every`` steps (rounded up to a chunk boundary) and at the end.
+
+    A step is non-finite when its meta-loss or the norm of its meta-gradient is
+    NaN or ±inf. With ``nonfinite="raise"`` the chunk holding one raises
+    ``FloatingPointError`` naming the first such step and quantity, before any
+    callback sees the chunk's state (so no checkpoint of it is written). With
+    ``"skip"`` such steps leave the parameters and optimizer state unchanged
+    (see ``train_step``) and training goes on; the record then averages only the
+    applied steps and holds ``skipped_steps``, the run's total
+    (``state.skipped_steps``), also shown on the progress bar.
 
     Args:
       state: the starting state; training continues from ``state.step``.
@@ -223,9 +278,13 @@ def fit(
       progress: show a tqdm progress bar.
       callbacks: called after every chunk with the state and the logged record;
         a callback may raise ``StopTraining`` to end training there.
+      nonfinite: ``"raise"`` (stop) or ``"skip"`` (skip the update and count it).
 
     Returns:
       The final state.
+
+    Raises:
+      FloatingPointError: with ``nonfinite="raise"``, at a non-finite step.
     """
     num_steps = int(num_steps)
     if num_steps < 0:
@@ -233,6 +292,7 @@ def fit(
     steps_per_call = _validation.check_positive_int("steps_per_call", steps_per_call)
     if eval_every < 0:
         raise ValueError(f"eval_every must be >= 0; got {eval_every}.")
+    _check_nonfinite(nonfinite)
     num_tasks = _num_tasks(sample_tasks, key)
     log = open(metrics_path, "a") if metrics_path is not None else None  # noqa: SIM115
     bar = _progress_bar(progress, int(state.step), num_steps)
@@ -242,23 +302,24 @@ def fit(
             # Chunks end on multiples of steps_per_call, so a resumed run runs
             # the same chunks (hence the same compiled programs) as an
             # uninterrupted one.
-            step = int(state.step)
-            chunk = min(steps_per_call - step % steps_per_call, num_steps - step)
+            start = int(state.step)
+            chunk = min(steps_per_call - start % steps_per_call, num_steps - start)
             t0 = time.perf_counter()
-            state, metrics = _scan_train_steps_jit(state, key, sample_tasks, chunk)
+            state, metrics = _scan_train_steps_jit(
+                state, key, sample_tasks, chunk, nonfinite
+            )
             metrics = jax.device_get(metrics)
             seconds = time.perf_counter() - t0
             step = int(state.step)
-            record = {
-                "step": step,
-                **{k: float(np.mean(v)) for k, v in metrics.items()},
-            }
+            if nonfinite == "raise":
+                _raise_if_nonfinite(metrics, start)
+                applied = np.ones(chunk, bool)
+            else:
+                applied = ~np.asarray(metrics.pop("skipped"), bool)
+            record: dict[str, Any] = {"step": step, **_means(metrics, applied)}
+            if nonfinite == "skip":
+                record["skipped_steps"] = int(state.skipped_steps)
             record["tasks_per_s"] = chunk * num_tasks / seconds
-            if not np.isfinite(record["loss"]):
-                raise FloatingPointError(
-                    f"meta-loss became {record['loss']} at or before step {step}; "
-                    f"lower the learning rates or check the data."
-                )
             due = step == num_steps or (eval_every and step - last_eval >= eval_every)
             if eval_fn is not None and due:
                 record.update(
@@ -281,15 +342,51 @@ def fit(
     return state
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3), donate_argnums=0)
-def _scan_train_steps_jit(state, key, sample_tasks, num_steps):
-    return scan_train_steps(state, key, sample_tasks, num_steps)
+def _means(metrics: Mapping[str, np.ndarray], applied: np.ndarray) -> dict:
+    """Each metric's mean over the applied steps (NaN if every step was skipped)."""
+    if not applied.any():
+        return {k: math.nan for k in metrics}
+    return {k: float(np.mean(np.asarray(v)[applied])) for k, v in metrics.items()}
+
+
+def _check_nonfinite(nonfinite: str) -> None:
+    if nonfinite not in NONFINITE:
+        raise ValueError(
+            f"nonfinite must be one of {', '.join(map(repr, NONFINITE))}; "
+            f"got {nonfinite!r}."
+        )
+
+
+def _raise_if_nonfinite(metrics: Mapping[str, np.ndarray], start: int) -> None:
+    """Raises ``FloatingPointError`` at the chunk's first non-finite step."""
+    loss = np.asarray(metrics["loss"], np.float64)
+    norm = np.asarray(metrics["grad_norm"], np.float64)
+    bad = ~(np.isfinite(loss) & np.isfinite(norm))
+    if not bad.any():
+        return
+    i = int(np.argmax(bad))
+    step = start + i + 1
+    if not np.isfinite(loss[i]):
+        what = f"meta-loss became {loss[i]} at step {step}"
+    else:
+        what = (
+            f"meta-gradient norm became {norm[i]} at step {step} "
+            f"(meta-loss {loss[i]:.6g})"
+        )
+    raise FloatingPointError(f"{what}; lower the learning rates or check the data.")
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4), donate_argnums=0)
+def _scan_train_steps_jit(state, key, sample_tasks, num_steps, nonfinite):
+    return scan_train_steps(state, key, sample_tasks, num_steps, nonfinite=nonfinite)
 
 
 def _bar_fields(record: dict[str, Any]) -> dict[str, str]:
     fields = {"loss": f"{record['loss']:.4g}"}
     if "query_accuracy_post" in record:
         fields["acc"] = f"{record['query_accuracy_post']:.3f}"
+    if "skipped_steps" in record:
+        fields["skipped"] = str(record["skipped_steps"])
     for name, value in record.items():
         if name.startswith("eval/"):
             fields[name[5:]] = f"{value:.4g}"

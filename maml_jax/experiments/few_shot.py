@@ -117,6 +117,9 @@ SPLITS = {
     "miniimagenet": {"train": "train", "val": "val", "test": "test"},
 }
 TEST_KEY = 20170306  # fixed: the same test episodes for every run and seed
+# --on-nonfinite: "stop" raises FloatingPointError at the first non-finite step;
+# "skip" leaves the parameters unchanged at such a step and counts it.
+ON_NONFINITE = {"stop": "raise", "skip": "skip"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,6 +149,8 @@ class FewShotConfig:
     val_episodes: int = 200
     checkpoint_every: int = 1000
     steps_per_call: int = 50
+    filters: int | None = None  # None: the paper's 64 (Omniglot) / 32 (mini-ImageNet)
+    on_nonfinite: str = "stop"  # or "skip": skip a non-finite step and count it
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> FewShotConfig:
@@ -186,6 +191,28 @@ class FewShotConfig:
                 )
         if self.steps < 0:
             raise ValueError(f"--steps must be >= 0; got {self.steps}.")
+        for name in ("filters", "chunk_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(
+                    f"--{name.replace('_', '-')} must be >= 1; got {value}."
+                )
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"--seed must be in [0, 2**32); got {self.seed}.")
+        if self.conv_impl not in (None, "lax", "im2col"):
+            raise ValueError(
+                f"--conv-impl must be lax or im2col; got {self.conv_impl!r}."
+            )
+        if self.batching not in (None, *maml_jax.core.TASK_BATCHING):
+            raise ValueError(
+                f"--batching must be one of {', '.join(maml_jax.core.TASK_BATCHING)}; "
+                f"got {self.batching!r}."
+            )
+        if self.on_nonfinite not in ON_NONFINITE:
+            raise ValueError(
+                f"--on-nonfinite must be one of {', '.join(ON_NONFINITE)}; got "
+                f"{self.on_nonfinite!r}."
+            )
         for name in ("inner_lr", "outer_lr"):
             value = getattr(self, name)
             if not np.isfinite(value) or value <= 0:
@@ -296,20 +323,28 @@ def build_learner(config: FewShotConfig, image_shape):
     omniglot = config.dataset == "omniglot"
     model = models.Conv4(
         num_classes=None if config.algorithm == "protonet" else config.ways,
-        filters=64 if omniglot else 32,
+        filters=config.filters or (64 if omniglot else 32),
         downsample="stride" if omniglot else "maxpool",
         head="mean" if omniglot else "flatten",
         norm=config.norm,
         conv_impl=config.conv_impl or "lax",
         dtype=None if config.precision == "float32" else jnp.bfloat16,
     )
-    params = model.init(jax.random.key(config.seed), jnp.zeros((2, *image_shape)))
+    # Jitted: one compile instead of op-by-op dispatch (the same values).
+    params = jax.jit(model.init)(
+        jax.random.key(config.seed), jnp.zeros((2, *image_shape))
+    )
     loss_fn = models.classification_loss(model.apply, loss_scale=config.ways)
     learner = _make_learner(config, model, loss_fn)
     tx = optax.adam(config.outer_lr)
     if config.grad_clip:
         tx = optax.chain(optax.clip(config.grad_clip), tx)
     return model, params["params"], learner, tx
+
+
+# Fixed validation/test episodes, sampled in one compiled call (the same
+# episodes as op-by-op sampling, seconds faster).
+_sample_episodes = jax.jit(episodes.sample_episodes, static_argnums=(2, 3))
 
 
 def _check_episodes_fit(config: FewShotConfig, data: np.ndarray, split: str) -> None:
@@ -328,11 +363,19 @@ def train(
     steps: int | None = None,
     progress: bool = True,
     shard: bool = False,
+    on_nonfinite: str | None = None,
 ) -> maml_jax.MetaTrainState:
     """Meta-trains (or resumes) a run in directory ``out``.
 
     With ``resume=True`` the run's saved configuration is used (``config`` is
-    ignored and may be ``None``); ``steps`` then changes the run's length.
+    ignored and may be ``None``); ``steps`` then changes the run's length and
+    ``on_nonfinite`` the policy for non-finite steps (e.g. ``"skip"`` to get
+    past a step that stopped the run). A step whose meta-loss or meta-gradient
+    is not finite stops training (``FloatingPointError`` naming the step and
+    the last good checkpoint; none is written after it) or, with
+    ``on_nonfinite="skip"``, is skipped: parameters and optimizer state stay as
+    they were and ``state.skipped_steps`` (logged as ``skipped_steps``,
+    checkpointed) counts it.
 
     With ``shard=True`` the task batch is split over every device of every
     process (``maml_jax.sharding``; call ``sharding.initialize_distributed``
@@ -347,12 +390,18 @@ def train(
             raise FileNotFoundError(
                 f"--resume: no run to resume at {out} (no config.json)."
             )
-        saved = FewShotConfig(**json.loads(config_path.read_text()))
-        config = saved if steps is None else dataclasses.replace(saved, steps=steps)
-        config.validate()
-    else:
-        if steps is not None:
-            config = dataclasses.replace(config, steps=steps)
+        config = FewShotConfig(**json.loads(config_path.read_text()))
+    elif not isinstance(config, FewShotConfig):
+        raise TypeError(
+            f"config must be a FewShotConfig unless resume=True; got "
+            f"{type(config).__name__}."
+        )
+    changes = {"steps": steps, "on_nonfinite": on_nonfinite}
+    config = dataclasses.replace(
+        config, **{k: v for k, v in changes.items() if v is not None}
+    )
+    config.validate()
+    if not resume:
         if config_path.exists():
             raise FileExistsError(
                 f"{out} already holds a run; pass --resume to continue it or choose "
@@ -385,14 +434,19 @@ def train(
     metrics_path = out / "metrics.jsonl"
     checkpointer = Checkpointer(out / "checkpoints", keep=3)
     if resume and checkpointer.latest_step() is not None:
-        state = checkpointer.restore(state, config=_config_dict(config)).state
+        # A corrupted latest checkpoint is moved aside (logged) and the newest
+        # readable one before it is resumed from: resuming is exact either way.
+        restored = checkpointer.restore(
+            state, config=_config_dict(config), fallback=True
+        )
+        state = restored.state
         if primary:
             _truncate_log(metrics_path, int(state.step))
     elif resume and primary:
         metrics_path.unlink(missing_ok=True)
 
     train_data = jnp.asarray(train_data)
-    val_tasks = episodes.sample_episodes(
+    val_tasks = _sample_episodes(
         jax.random.key(config.seed + 1),
         jnp.asarray(val_data),
         config.spec,
@@ -441,7 +495,12 @@ def train(
             metrics_path=metrics_path if primary else None,
             progress=progress and primary,
             callbacks=(save,),
+            nonfinite=ON_NONFINITE[config.on_nonfinite],
         )
+        if checkpointer.latest_step() != int(state.step):
+            # No chunk ran (e.g. --steps 0): save the state anyway, so that every
+            # finished run has a checkpoint of its final step to evaluate.
+            checkpointer.save(state, extra={"config": _config_dict(config)})
     except FloatingPointError as error:
         last = checkpointer.latest_step()
         where = (
@@ -490,7 +549,9 @@ def evaluate_run(
     config = FewShotConfig(**json.loads(config_path.read_text()))
     if split not in SPLITS[config.dataset]:
         raise ValueError(f"--split must be one of {', '.join(SPLITS[config.dataset])}.")
-    steps = inner_steps or config.test_inner_steps
+    steps = config.test_inner_steps if inner_steps is None else inner_steps
+    if steps < 1:
+        raise ValueError(f"--inner-steps must be >= 1; got {steps}.")
     data = load_classes(config, data_dir, split)
     _check_episodes_fit(config, data, split)
     _, params, learner, tx = build_learner(config, data.shape[2:])
@@ -499,7 +560,7 @@ def evaluate_run(
         if checkpointer.latest_step() is None:
             raise FileNotFoundError(f"--run {run_dir}: no checkpoint to evaluate.")
         restored = checkpointer.restore(template, config=_config_dict(config))
-    tasks = episodes.sample_episodes(
+    tasks = _sample_episodes(
         jax.random.key(TEST_KEY), jnp.asarray(data), config.spec, episodes_count
     )
     t0 = time.perf_counter()
@@ -524,6 +585,7 @@ def evaluate_run(
         "episode_key": TEST_KEY,
         "seed": config.seed,
         "trained_steps": restored.step,
+        "skipped_steps": int(restored.state.skipped_steps),
         "inner_steps": steps,
         "accuracy": summary["accuracy"],
         "accuracy_ci95": summary["accuracy_ci95"],
@@ -536,7 +598,7 @@ def evaluate_run(
         },
         "device": f"{device.platform}: {device.device_kind}",
     }
-    (run_dir / f"{split}_results.json").write_text(json.dumps(results, indent=2))
+    _write_atomic(run_dir / f"{split}_results.json", json.dumps(results, indent=2))
     return results
 
 
@@ -558,7 +620,15 @@ def format_results(results: dict) -> str:
 def _config_dict(config: FewShotConfig) -> dict:
     """The fields a checkpoint must agree on (the run length may change)."""
     fields = dataclasses.asdict(config)
-    for free in ("steps", "eval_every", "val_episodes", "checkpoint_every"):
+    # Free: the run length and logging periods, and the non-finite policy (it
+    # does not change the state's structure).
+    for free in (
+        "steps",
+        "eval_every",
+        "val_episodes",
+        "checkpoint_every",
+        "on_nonfinite",
+    ):
         fields.pop(free)
     return fields
 
