@@ -1,0 +1,82 @@
+"""One measurement of maml_jax's meta-train step, as ``run_peer.py`` measures peers.
+
+The configuration is ``benchmarks/throughput.py``'s ``build(workload, "maml",
+inner_steps, first_order)``, so it follows the library's default formulation
+(task batching, convolution implementation) as the library changes; the timing is
+``benchmarks._timing.time_sampled_step``: one jitted step with on-device task
+sampling, the meta-gradient and the Adam update, state donated; compile timed
+separately, then one warm-up step and ``--steps`` timed steps. Sampling is part of
+our step (it is part of our pipeline); the peers read pre-made batches.
+
+Command: ``python -m benchmarks.peers.run_ours --workload sinusoid``; one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+from importlib.metadata import version
+
+import jax
+import numpy as np
+
+from benchmarks import throughput
+from benchmarks._timing import time_sampled_step
+from benchmarks.peers.common import WORKLOADS
+
+
+def measure(workload: str, first_order: bool, inner_steps: int, steps: int) -> dict:
+    """Builds, compiles and times our step; returns the JSON row."""
+    state, sampler, meta_batch = throughput.build(
+        workload, "maml", inner_steps, first_order
+    )
+    compile_s, times, temp_mb = time_sampled_step(state, sampler, steps)
+    median = float(np.median(times))
+    return {
+        "impl": "maml_jax",
+        "workload": workload,
+        "order": "first" if first_order else "second",
+        "inner_steps": inner_steps,
+        "meta_batch": meta_batch,
+        "steps": steps,
+        "warmup": 1,
+        "step_s_median": median,
+        "step_s_p10": float(np.percentile(times, 10)),
+        "step_s_p90": float(np.percentile(times, 90)),
+        "tasks_per_s": meta_batch / median,
+        "compile_s": compile_s,
+        "temp_mb": temp_mb,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "threads": os.cpu_count(),
+        "formulation": {
+            "batching": state.batching,
+            "chunk_size": state.chunk_size,
+            "backend": jax.default_backend(),
+        },
+        "versions": {
+            "python": platform.python_version(),
+            "jax": jax.__version__,
+            "jaxlib": version("jaxlib"),
+            "maml_jax": version("maml_jax"),
+        },
+        "times_s": [float(t) for t in times],
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workload", required=True, choices=WORKLOADS)
+    p.add_argument("--order", choices=("first", "second"), default="second")
+    p.add_argument("--inner-steps", type=int, default=1)
+    p.add_argument("--steps", type=int, default=20)
+    args = p.parse_args(argv)
+    row = measure(args.workload, args.order == "first", args.inner_steps, args.steps)
+    print(json.dumps(row), flush=True)
+    return row
+
+
+if __name__ == "__main__":
+    main()
