@@ -94,3 +94,21 @@ def test_throughput_smoke(tmp_path):
     assert [r["inner_steps"] for r in rows] == [1, 2]
     assert all(r["tasks_per_s"] > 0 and r["compile_s"] > 0 for r in rows)
     assert len((tmp_path / "t.jsonl").read_text().splitlines()) == 2
+
+
+def test_memory_smoke(tmp_path):
+    from benchmarks import memory
+
+    out = memory.main(["--smoke", "--no-plot", "--out", str(tmp_path)])
+    (row,) = out["rows"]
+    assert row["mode"] == "remat" and row["peak_mb"] is not None
+    assert row["xla_mb"] > 0 and row["compile_s"] > 0 and row["step_s"] > 0
+    lines = (tmp_path / "memory.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and "summary" in json.loads(lines[-1])
+    # The budget arithmetic on a made-up linear curve (peak = 100 + 10 × steps).
+    curve = [(1, 110.0), (10, 200.0)]
+    assert memory.largest_under(curve, 150.0) == {"steps": 5, "extrapolated": False}
+    assert memory.largest_under(curve, 300.0) == {"steps": 20, "extrapolated": True}
+    probe = lambda n: 100.0 + 10.0 * n
+    found = memory.search_largest(list(curve), 305.0, probe, max_probes=10)
+    assert found["steps"] == 20 and found["probes"] >= 1
