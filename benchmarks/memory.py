@@ -264,8 +264,8 @@ def ours_worker(
 def peer_worker(workload: str, inner_steps: int, meta_batch: int) -> dict:
     """One measurement of learn2learn's second-order MAML in this fresh process.
 
-    Imports only torch, learn2learn and ``benchmarks.peers.torch_models`` (the
-    same Conv4 as ours in PyTorch), never jax.
+    Imports only torch, learn2learn and ``benchmarks.peers`` (``run_peer``'s
+    learn2learn meta-gradient, the same Conv4 as ours in PyTorch), never jax.
     """
     import warnings
 
@@ -276,35 +276,30 @@ def peer_worker(workload: str, inner_steps: int, meta_batch: int) -> dict:
         warnings.simplefilter("ignore")  # gym's notice at import
         import learn2learn as l2l
 
+    from benchmarks.peers.run_peer import learn2learn_meta_grad
     from benchmarks.peers.torch_models import Conv4
 
     if workload != "omniglot-5w1s-q15-maxpool":
         raise ValueError("the learn2learn worker runs omniglot-5w1s-q15-maxpool only")
     ways, shots, queries, inner_lr = 5, 1, 15, 0.4
     torch.manual_seed(0)
-    maml = l2l.algorithms.MAML(Conv4(ways), lr=inner_lr, first_order=False)
-    opt = torch.optim.Adam(maml.parameters(), lr=1e-3)
-    xs = torch.rand(meta_batch, ways * shots, 1, 28, 28)
-    xq = torch.rand(meta_batch, ways * queries, 1, 28, 28)
-    ys = torch.arange(ways).repeat_interleave(shots).expand(meta_batch, -1)
-    yq = torch.arange(ways).repeat_interleave(queries).expand(meta_batch, -1)
     loss = lambda logits, labels: ways * F.cross_entropy(logits, labels)
+    meta_grad, maml = learn2learn_meta_grad(
+        Conv4(ways), loss, inner_lr, inner_steps, first_order=False
+    )
+    opt = torch.optim.Adam(maml.parameters(), lr=1e-3)
+    batch = (
+        torch.rand(meta_batch, ways * shots, 1, 28, 28),
+        torch.arange(ways).repeat_interleave(shots).expand(meta_batch, -1),
+        torch.rand(meta_batch, ways * queries, 1, 28, 28),
+        torch.arange(ways).repeat_interleave(queries).expand(meta_batch, -1),
+    )
     holder: dict[str, float] = {}
 
     def meta_step() -> None:
         opt.zero_grad(set_to_none=True)
-        total = 0.0
-        for t in range(meta_batch):
-            learner = maml.clone()
-            for _ in range(inner_steps):
-                learner.adapt(loss(learner(xs[t]), ys[t]))
-            query_loss = loss(learner(xq[t]), yq[t])
-            query_loss.backward()
-            total += query_loss.item()
-        for p in maml.parameters():
-            p.grad.mul_(1.0 / meta_batch)
+        holder["loss"] = meta_grad(batch)
         opt.step()
-        holder["loss"] = total / meta_batch
 
     t0 = time.perf_counter()
     meta_step()
