@@ -98,6 +98,13 @@ def _train_parser(sub) -> None:
         "(default; names the step and the last good checkpoint) or skip its update "
         "and count it (skipped_steps in the log); may change on --resume",
     )
+    p.add_argument(
+        "--pre-adaptation-query",
+        action="store_const",
+        const=True,
+        help="also log query loss and accuracy before adaptation (one more forward "
+        "pass over every query set per step; off by default)",
+    )
 
 
 def _eval_parser(sub) -> None:

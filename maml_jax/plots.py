@@ -35,6 +35,8 @@ def learning_curve(metrics_path, png_path, *, title: str = "") -> Path:
     has_accuracy = bool(records) and "query_accuracy_post" in records[0]
     name = "query_accuracy" if has_accuracy else "query_loss"
     for suffix, label in (("_pre", "before adaptation"), ("_post", "after adaptation")):
+        if not any(name + suffix in r for r in records):  # pre: if asked for
+            continue
         ax_acc.plot(
             steps,
             [r.get(name + suffix) for r in records],

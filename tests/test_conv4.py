@@ -39,6 +39,28 @@ def test_im2col_convolution_equals_lax(stride, size):
     )
 
 
+@pytest.mark.parametrize("kernel_hw", [(3, 3), (2, 2), (1, 3), (3, 1), (5, 3)])
+def test_row_patch_convolution_equals_lax_to_second_order(kernel_hw):
+    # Stride 1 with >= 8 input channels takes the row-patch path (one kernel row's
+    # taps per patch, all kernel rows in one matmul): values against lax, and
+    # gradients to second order against finite differences.
+    kx, kk = jax.random.split(jax.random.key(2))
+    x = jax.random.normal(kx, (2, 6, 5, 8), jnp.float64)
+    kernel = jax.random.normal(kk, (*kernel_hw, 8, 3), jnp.float64)
+    np.testing.assert_allclose(
+        models.conv2d(x, kernel, stride=1, impl="im2col"),
+        models.conv2d(x, kernel, stride=1, impl="lax"),
+        rtol=1e-12,
+        atol=1e-12,
+    )
+    jax.test_util.check_grads(
+        lambda x, k: models.conv2d(x, k, stride=1, impl="im2col"),
+        (x, kernel),
+        order=2,
+        modes=["rev"],
+    )
+
+
 @pytest.mark.parametrize("k,f", [(9, 4), (18, 4)])
 def test_patch_matmul_gradients(k, f):
     # Both branches of the kernel gradient (patches narrower or wider than g), to
@@ -105,14 +127,23 @@ def _task(key, ways=3, image=(16, 16, 1)):
     )
 
 
-@pytest.mark.parametrize("downsample", ["stride", "maxpool"])
-def test_second_order_meta_gradient_is_the_same_for_both_conv_impls(downsample):
+@pytest.mark.parametrize(
+    "downsample,filters", [("stride", 4), ("maxpool", 4), ("maxpool", 8)]
+)
+def test_second_order_meta_gradient_is_the_same_for_both_conv_impls(
+    downsample, filters
+):
+    # maxpool with 8 filters: blocks 2-4 take the row-patch path of "im2col".
     task = _task(jax.random.key(3))
     head = "mean" if downsample == "stride" else "flatten"
     grads = {}
     for impl in ("lax", "im2col"):
         model = models.Conv4(
-            num_classes=3, filters=4, downsample=downsample, head=head, conv_impl=impl
+            num_classes=3,
+            filters=filters,
+            downsample=downsample,
+            head=head,
+            conv_impl=impl,
         )
         params = model.init(jax.random.key(4), task.support[0])["params"]
         params = jax.tree.map(lambda p: p.astype(jnp.float64), params)

@@ -52,11 +52,28 @@ def test_meta_train_step_equals_manual_update_and_traces_once():
     step = jax.jit(chex.assert_max_traces(train.train_step, n=1), donate_argnums=0)
     new_state, metrics = step(state, tasks)
     chex.assert_trees_all_close(new_state.meta_params, expected, rtol=1e-5)
-    for key in ("loss", "grad_norm", "query_loss_pre", "support_loss_post"):
+    for key in ("loss", "grad_norm", "support_loss_pre", "query_loss_post"):
         assert metrics[key].shape == ()
     for seed in (2, 3):
         new_state, _ = step(new_state, _sampler(jax.random.key(seed)))
     assert int(new_state.step) == 3
+
+
+def test_pre_adaptation_query_metrics_are_opt_in_and_leave_the_update_alone():
+    state, learner = _setup()
+    tasks = _sampler(jax.random.key(1))
+    _, aux = maml_jax.batch_meta_loss(learner, state.meta_params, tasks)
+    step = jax.jit(train.train_step, static_argnames=("pre_adaptation_query",))
+    lean_state, lean = step(state, tasks)
+    full_state, full = step(state, tasks, pre_adaptation_query=True)
+
+    assert "query_loss_pre" not in lean and "query_loss_post" in lean
+    assert "support_loss_pre" in lean  # free: the inner loop computes it
+    assert set(full) == set(lean) | {"query_loss_pre"}
+    np.testing.assert_allclose(full["query_loss_pre"], jnp.mean(aux["query_loss_pre"]))
+    chex.assert_trees_all_equal(lean_state.meta_params, full_state.meta_params)
+    for key in lean:
+        np.testing.assert_array_equal(lean[key], full[key])
 
 
 def test_public_meta_train_step_runs_and_donates():

@@ -151,6 +151,8 @@ class FewShotConfig:
     steps_per_call: int = 50
     filters: int | None = None  # None: the paper's 64 (Omniglot) / 32 (mini-ImageNet)
     on_nonfinite: str = "stop"  # or "skip": skip a non-finite step and count it
+    # Also log query loss/accuracy before adaptation: one more query forward a step.
+    pre_adaptation_query: bool = False
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> FewShotConfig:
@@ -496,6 +498,7 @@ def train(
             progress=progress and primary,
             callbacks=(save,),
             nonfinite=ON_NONFINITE[config.on_nonfinite],
+            pre_adaptation_query=config.pre_adaptation_query,
         )
         if checkpointer.latest_step() != int(state.step):
             # No chunk ran (e.g. --steps 0): save the state anyway, so that every
@@ -620,14 +623,15 @@ def format_results(results: dict) -> str:
 def _config_dict(config: FewShotConfig) -> dict:
     """The fields a checkpoint must agree on (the run length may change)."""
     fields = dataclasses.asdict(config)
-    # Free: the run length and logging periods, and the non-finite policy (it
-    # does not change the state's structure).
+    # Free: the run length, what and how often is logged, and the non-finite
+    # policy (it does not change the state's structure).
     for free in (
         "steps",
         "eval_every",
         "val_episodes",
         "checkpoint_every",
         "on_nonfinite",
+        "pre_adaptation_query",
     ):
         fields.pop(free)
     return fields
