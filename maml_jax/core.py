@@ -166,8 +166,14 @@ def task_metrics(
     support_losses: jax.Array,
     *,
     has_aux: bool = False,
+    query_post: tuple[jax.Array, Aux] | None = None,
 ) -> Aux:
     """Per-task diagnostics before and after adaptation (no gradient flows).
+
+    Args:
+      query_post: ``(loss, aux)`` of ``loss_fn`` at ``task_params`` on the query
+        set if the caller already has it (the meta-loss): reused instead of a
+        second forward pass, which XLA does not always merge with the first.
 
     Returns:
       ``support_loss_pre/post``, ``query_loss_pre/post`` and
@@ -176,7 +182,9 @@ def task_metrics(
     before = jax.lax.stop_gradient(meta_params)
     after = jax.lax.stop_gradient(task_params)
     q_pre, q_aux_pre = evaluate_loss(loss_fn, before, task.query, has_aux=has_aux)
-    q_post, q_aux_post = evaluate_loss(loss_fn, after, task.query, has_aux=has_aux)
+    if query_post is None:
+        query_post = evaluate_loss(loss_fn, after, task.query, has_aux=has_aux)
+    q_post, q_aux_post = jax.lax.stop_gradient(query_post)
     s_post, _ = evaluate_loss(loss_fn, after, task.support, has_aux=has_aux)
     aux = {
         "support_loss_pre": jax.lax.stop_gradient(support_losses[0]),
@@ -203,9 +211,15 @@ def adapted_query_loss(
     ``params`` are the parameters before adaptation; ``support_losses[0]`` is the
     support loss before the first inner step.
     """
-    loss, _ = evaluate_loss(loss_fn, task_params, task.query, has_aux=has_aux)
+    loss, query_aux = evaluate_loss(loss_fn, task_params, task.query, has_aux=has_aux)
     aux = task_metrics(
-        loss_fn, params, task_params, task, support_losses, has_aux=has_aux
+        loss_fn,
+        params,
+        task_params,
+        task,
+        support_losses,
+        has_aux=has_aux,
+        query_post=(loss, query_aux),
     )
     return loss, aux
 
