@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -296,6 +297,55 @@ def _max_pool_transpose(x: jax.Array, y: jax.Array, g: jax.Array) -> jax.Array:
 max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def standardize(x: jax.Array, axes: tuple[int, ...], eps: float) -> jax.Array:
+    """``(x − mean) / sqrt(var + eps)`` with the statistics taken over ``axes``.
+
+    The normalisation of batch norm (``axes`` all but the channel axis) and of
+    per-example norms. Its gradient is the closed form
+    ``dx = (g − mean(g) − y · mean(g · y)) / sqrt(var + eps)`` (``y`` the
+    output), two reductions and one elementwise pass where autodiff of the
+    forward takes several passes over the activation; the backward is plain,
+    differentiable JAX, so second-order meta-gradients go through it.
+
+    Args:
+      x: any shape.
+      axes: the axes the mean and the (biased) variance are taken over.
+      eps: added to the variance.
+
+    Returns:
+      An array of the shape of ``x``.
+    """
+    return _standardize_fwd(x, axes, eps)[0]
+
+
+def _standardize_fwd(
+    x: jax.Array, axes: tuple[int, ...], eps: float
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    centered = x - x.mean(axis=axes, keepdims=True)
+    inv_std = jax.lax.rsqrt(
+        jnp.mean(jnp.square(centered), axis=axes, keepdims=True) + eps
+    )
+    y = centered * inv_std
+    return y, (y, inv_std)
+
+
+def _standardize_bwd(
+    axes: tuple[int, ...],
+    eps: float,
+    residuals: tuple[jax.Array, jax.Array],
+    g: jax.Array,
+) -> tuple[jax.Array]:
+    del eps
+    y, inv_std = residuals
+    g_mean = g.mean(axis=axes, keepdims=True)
+    gy_mean = jnp.mean(g * y, axis=axes, keepdims=True)
+    return (inv_std * (g - g_mean - y * gy_mean),)
+
+
+standardize.defvjp(_standardize_fwd, _standardize_bwd)
+
+
 NORMS = ("transductive", "inductive", "none")
 
 
@@ -397,9 +447,7 @@ class Conv4(nn.Module):
         if self.norm == "none":
             return x
         axes = (0, 1, 2) if self.norm == "transductive" else (1, 2, 3)
-        mean = x.mean(axis=axes, keepdims=True)
-        var = jnp.mean(jnp.square(x - mean), axis=axes, keepdims=True)
-        x = (x - mean) * jax.lax.rsqrt(var + self.eps)
+        x = standardize(x, axes, self.eps)
         if self.norm_scale:
             scale = self.param(
                 f"norm{block}_scale",

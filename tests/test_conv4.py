@@ -191,3 +191,31 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
     loss = models.classification_loss(mixed.apply)
     grads = jax.jit(jax.grad(lambda p: loss(p, (x, jnp.arange(4)))[0]))(params)
     assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
+
+
+@pytest.mark.parametrize("axes", [(0, 1, 2), (1, 2, 3)])
+def test_standardize_matches_autodiff_of_the_formula_to_second_order(axes):
+    # The closed-form backward against autodiff of the textbook normalisation,
+    # in float64, for the batch-norm and per-example axes.
+    def textbook(x):
+        mean = x.mean(axis=axes, keepdims=True)
+        var = jnp.mean(jnp.square(x - mean), axis=axes, keepdims=True)
+        return (x - mean) * jax.lax.rsqrt(var + 1e-5)
+
+    kx, kr = jax.random.split(jax.random.key(5))
+    x = 2.0 * jax.random.normal(kx, (3, 4, 5, 6), jnp.float64) + 1.0
+    weights = jax.random.normal(kr, x.shape, jnp.float64)
+    ours = lambda x: models.standardize(x, axes, 1e-5)  # noqa: E731
+    np.testing.assert_allclose(ours(x), textbook(x), rtol=1e-12, atol=1e-12)
+
+    def gradient_norm(norm):
+        grad = jax.grad(lambda x: jnp.sum(jnp.sin(norm(x)) * weights))
+        return lambda x: jnp.sum(jnp.square(grad(x)))
+
+    np.testing.assert_allclose(
+        jax.grad(gradient_norm(ours))(x),
+        jax.grad(gradient_norm(textbook))(x),
+        rtol=1e-10,
+        atol=1e-12,
+    )
+    jax.test_util.check_grads(ours, (x,), order=2, modes=["rev"])
