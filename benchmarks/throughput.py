@@ -18,7 +18,7 @@ For each (learner, workload, order, inner steps) it reports the median and the
 step, the compile time, tasks/s and the compiled step's temporary memory
 (``compiled.memory_analysis()``), one JSON line each (``--jsonl`` appends them to a
 file), then a table. On CPU the Conv4 workloads use im2col convolutions with tasks
-in a ``lax.scan`` over chunks of 4 (the fastest measured formulation); elsewhere
+in a ``lax.scan`` over chunks of 2 (the fastest measured formulation); elsewhere
 ``lax`` convolutions and ``vmap``.
 
 Command: ``python benchmarks/throughput.py --workloads sinusoid omniglot-5w1s
@@ -41,6 +41,7 @@ import optax
 import maml_jax
 from benchmarks._timing import time_sampled_step
 from maml_jax import episodes, models
+from maml_jax.experiments import few_shot
 
 WORKLOADS = {
     "sinusoid": dict(kind="sinusoid", meta_batch=25, inner_lr=0.01),
@@ -100,7 +101,7 @@ def build(workload: str, learner_name: str, inner_steps: int, first_order: bool)
         spec = episodes.EpisodeSpec(w["ways"], w["shots"], w["queries"])
         sampler = lambda key: episodes.sample_episodes(key, data, spec, w["meta_batch"])
         batching = "scan" if cpu else "vmap"
-        chunk = max(d for d in range(1, 5) if w["meta_batch"] % d == 0) if cpu else None
+        chunk = few_shot.cpu_chunk_size(w["meta_batch"]) if cpu else None
     common = dict(inner_lr=w["inner_lr"], num_inner_steps=inner_steps, has_aux=has_aux)
     if learner_name in ("maml", "fomaml"):
         learner = maml_jax.maml(

@@ -122,6 +122,17 @@ TEST_KEY = 20170306  # fixed: the same test episodes for every run and seed
 ON_NONFINITE = {"stop": "raise", "skip": "skip"}
 
 
+# Tasks per chunk of the CPU "scan" batching: 2 measured fastest on a 2-core CPU
+# for Conv4 with row-patch convolutions (Omniglot 5w1s 15-query max-pool step:
+# 2.36 s against 2.59 s with 4 and 2.84 s with 8; see benchmarks/README.md).
+CPU_CHUNK_SIZE = 2
+
+
+def cpu_chunk_size(meta_batch: int) -> int:
+    """The largest divisor of ``meta_batch`` up to ``CPU_CHUNK_SIZE``."""
+    return max(d for d in range(1, CPU_CHUNK_SIZE + 1) if meta_batch % d == 0)
+
+
 @dataclasses.dataclass(frozen=True)
 class FewShotConfig:
     """Everything that defines a few-shot run (saved as ``config.json``)."""
@@ -144,7 +155,7 @@ class FewShotConfig:
     precision: str = "float32"  # or "bfloat16": compute dtype of Conv4
     conv_impl: str | None = None  # None: "im2col" on CPU, "lax" elsewhere
     batching: str | None = None  # None: "scan" on CPU, "vmap" elsewhere
-    chunk_size: int | None = None  # None: 4 for "scan" on CPU
+    chunk_size: int | None = None  # None: cpu_chunk_size for "scan"
     eval_every: int = 1000
     val_episodes: int = 200
     checkpoint_every: int = 1000
@@ -249,9 +260,7 @@ class FewShotConfig:
         batching = self.batching or ("scan" if cpu and not shard else "vmap")
         chunk = self.chunk_size
         if chunk is None and batching != "vmap":
-            # Chunks of 4 tasks measured fastest on a 2-core CPU
-            # (benchmarks/formulations.py); the largest divisor up to 4.
-            chunk = max(d for d in range(1, 5) if self.meta_batch % d == 0)
+            chunk = cpu_chunk_size(self.meta_batch)
         return dataclasses.replace(
             self,
             conv_impl=self.conv_impl or ("im2col" if cpu else "lax"),
