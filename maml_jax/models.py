@@ -142,8 +142,8 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int, impl: str) -> jax.Ar
     if impl != "im2col":
         raise ValueError(f"conv impl must be 'lax' or 'im2col'; got {impl!r}.")
     kh, kw, c_in, c_out = kernel.shape
-    if stride == 1 and c_in >= _ROW_PATCH_MIN_CHANNELS:
-        return _conv_row_patches(x, kernel)
+    if stride == 1 and c_in >= _ROW_PATCH_MIN_CHANNELS and kh % 2 and kw % 2:
+        return conv_row_patches(x, kernel)
     n, h, w, _ = x.shape
     h_out, w_out = -(-h // stride), -(-w // stride)
     # SAME padding as lax: total pad = max((out - 1) * stride + k - in, 0).
@@ -178,8 +178,9 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int, impl: str) -> jax.Ar
 _ROW_PATCH_MIN_CHANNELS = 8
 
 
-def _conv_row_patches(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """Stride-1 ``SAME`` convolution from patches of one kernel row.
+@jax.custom_vjp
+def conv_row_patches(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """Stride-1 ``SAME`` convolution (odd kernel sizes) from one kernel row's patches.
 
     The patches hold only the ``kw`` horizontal taps, ``(N, H + kh - 1, W, kw·C)``
     (a third of im2col's nine taps for 3×3), and one matmul multiplies them by all
@@ -188,22 +189,70 @@ def _conv_row_patches(x: jax.Array, kernel: jax.Array) -> jax.Array:
     ``r + i``, slices XLA fuses into the sum. It does ``(H + kh - 1) / H`` of
     im2col's FLOPs but moves about a third of its memory, which is what bounds a
     convolution of per-task kernels on XLA:CPU.
+
+    Its custom backward computes the input gradient as the same convolution of
+    the output gradient with the flipped kernel (instead of a matmul back to the
+    patches and a scatter-add out of them) and the kernel gradient as one matmul
+    of the patches with the output gradient shifted by each kernel row. The
+    backward is plain JAX and calls this function again, so second-order
+    meta-gradients go through it and stay on the fast path.
+
+    Args:
+      x: ``(N, H, W, C)``.
+      kernel: ``(kh, kw, C, F)`` with ``kh`` and ``kw`` odd.
+
+    Returns:
+      ``(N, H, W, F)``.
     """
+    return _conv_row_patches_fwd(x, kernel)[0]
+
+
+def _row_patches(x: jax.Array, kh: int, kw: int) -> jax.Array:
+    """``(N, H + kh - 1, W, kw·C)``: the ``kw`` horizontal taps of padded ``x``."""
+    w = x.shape[2]
+    x = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
+    return jnp.concatenate([x[:, :, j : j + w] for j in range(kw)], axis=-1)
+
+
+def _conv_row_patches_fwd(
+    x: jax.Array, kernel: jax.Array
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     kh, kw, c_in, c_out = kernel.shape
     n, h, w, _ = x.shape
-    x = jnp.pad(
-        x,
-        ((0, 0), ((kh - 1) // 2, kh // 2), ((kw - 1) // 2, kw // 2), (0, 0)),
-    )
-    patches = jnp.concatenate([x[:, :, j : j + w] for j in range(kw)], axis=-1)
+    patches = _row_patches(x, kh, kw)
     # (kw, C) rows against (kh, F) columns: every kernel row in one matmul.
-    rows_by_kernel_row = kernel.transpose(1, 2, 0, 3).reshape(kw * c_in, kh * c_out)
-    products = patch_matmul(patches, rows_by_kernel_row)
+    by_kernel_row = kernel.transpose(1, 2, 0, 3).reshape(kw * c_in, kh * c_out)
+    products = patch_matmul(patches, by_kernel_row)
     products = products.reshape(n, h + kh - 1, w, kh, c_out)
     out = products[:, :h, :, 0]
     for i in range(1, kh):
         out = out + products[:, i : i + h, :, i]
-    return out
+    return out, (patches, kernel)
+
+
+def _conv_row_patches_bwd(
+    residuals: tuple[jax.Array, jax.Array], g: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    patches, kernel = residuals
+    kh, kw, c_in, c_out = kernel.shape
+    # SAME with an odd kernel: the input gradient is the SAME convolution of g
+    # with the kernel flipped in space and its channel axes swapped.
+    d_x = conv_row_patches(g, jnp.flip(kernel, (0, 1)).swapaxes(2, 3))
+    # Patch row r' meets kernel row i at output row r' - i.
+    shifted = jnp.stack(
+        [jnp.pad(g, ((0, 0), (i, kh - 1 - i), (0, 0), (0, 0))) for i in range(kh)],
+        axis=3,
+    )
+    d_by_kernel_row = jnp.einsum(
+        "mk,mf->kf",
+        patches.reshape(-1, kw * c_in),
+        shifted.reshape(-1, kh * c_out),
+    )
+    d_kernel = d_by_kernel_row.reshape(kw, c_in, kh, c_out).transpose(2, 0, 1, 3)
+    return d_x.astype(patches.dtype), d_kernel.astype(kernel.dtype)
+
+
+conv_row_patches.defvjp(_conv_row_patches_fwd, _conv_row_patches_bwd)
 
 
 @jax.custom_vjp
