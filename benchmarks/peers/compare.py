@@ -14,7 +14,9 @@ every row (with the machine, the load average before the run and the versions) t
 Table: s/meta-step is the median over rounds of each run's median; p10–p90 spans
 the lowest p10 to the highest p90 over rounds; tasks/s = meta-batch / that median;
 compile (ours only) is the median over rounds; peak RSS the largest; ratio = our
-tasks/s ÷ the row's tasks/s.
+tasks/s ÷ the row's tasks/s. ``maml_jax-scan`` (sinusoid only) is ours with 500
+meta-steps per call in one ``lax.scan``, as ``fit`` trains; its ratios get their
+own column.
 
 Command: ``python benchmarks/peers/compare.py --workloads sinusoid --rounds 2``
 (after ``bash benchmarks/peers/setup.sh``).
@@ -44,7 +46,12 @@ from benchmarks.peers.common import (  # noqa: E402
     export_path,
 )
 
-IMPLS = ("maml_jax", *PEERS)
+# maml_jax-scan: ours with SCAN_STEPS_PER_CALL meta-steps per call (lax.scan, as
+# fit runs them); run only for the workloads whose step is short enough for
+# dispatch to matter (an Omniglot step takes seconds).
+SCAN_STEPS_PER_CALL = 500
+SCAN_WORKLOADS = ("sinusoid",)
+IMPLS = ("maml_jax", "maml_jax-scan", *PEERS)
 
 
 def machine_info() -> dict:
@@ -74,6 +81,14 @@ def command(impl: str, workload: str, args: argparse.Namespace) -> list[str]:
     ]
     if impl == "maml_jax":
         return [str(args.python), "-m", "benchmarks.peers.run_ours", *common]
+    if impl == "maml_jax-scan":
+        return [
+            str(args.python),
+            "-m",
+            "benchmarks.peers.run_ours",
+            *common,
+            f"--steps-per-call={SCAN_STEPS_PER_CALL}",
+        ]
     return [
         str(args.python),
         "-m",
@@ -138,10 +153,12 @@ def table(rows: list[dict], impls: list[str]) -> str:
             "threads": ok[0].get("threads"),
         }
     ours = summary.get("maml_jax", {}).get("tasks")
+    scanned = summary.get("maml_jax-scan", {}).get("tasks")
     out = [
         "| implementation | runs | threads | s/meta-step (median) | p10–p90 (s) "
-        "| tasks/s | compile (s) | peak RSS (MB) | ours ÷ this (tasks/s) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| tasks/s | compile (s) | peak RSS (MB) | ours ÷ this (tasks/s) |"
+        + (" ours scanned ÷ this |" if scanned else ""),
+        "|---|---|---|---|---|---|---|---|---|" + ("---|" if scanned else ""),
     ]
     for impl, s in summary.items():
         compile_s = f"{s['compile']:.1f}" if s["compile"] is not None else "–"
@@ -150,7 +167,7 @@ def table(rows: list[dict], impls: list[str]) -> str:
             f"| {impl} | {s['runs']} | {s['threads']} | {s['median']:.4g} "
             f"| {s['p10']:.4g}–"
             f"{s['p90']:.4g} | {s['tasks']:,.1f} | {compile_s} | {s['rss']:,.0f} "
-            f"| {ratio} |"
+            f"| {ratio} |" + (f" {scanned / s['tasks']:.2f} |" if scanned else "")
         )
     for r in rows:
         if "error" in r:
@@ -197,8 +214,13 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     results = {}
     for workload in args.workloads:
         rows = []
+        impls = [
+            impl
+            for impl in args.impls
+            if impl != "maml_jax-scan" or workload in SCAN_WORKLOADS
+        ]
         for round_ in range(args.rounds):
-            for impl in args.impls:
+            for impl in impls:
                 row = run_one(impl, workload, args)
                 row.update(run_id=run_id, round=round_, machine=machine)
                 rows.append(row)
@@ -216,7 +238,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
             f"{args.rounds} round(s) × {args.steps} steps; {machine.get('cpu', '?')}, "
             f"{machine['cores']} cores\n"
         )
-        print(table(rows, args.impls) + "\n", flush=True)
+        print(table(rows, impls) + "\n", flush=True)
         results[workload] = rows
     return results
 

@@ -8,6 +8,10 @@ sampling, the meta-gradient and the Adam update, state donated; compile timed
 separately, then one warm-up step and ``--steps`` timed steps. Sampling is part of
 our step (it is part of our pipeline); the peers read pre-made batches.
 
+With ``--steps-per-call K`` each timed call runs ``K`` meta-steps in one
+``lax.scan`` (as ``fit`` does, so dispatch is paid once per call) and the times are
+per meta-step; the row's ``impl`` is then ``maml_jax-scan``.
+
 Command: ``python -m benchmarks.peers.run_ours --workload sinusoid``; one JSON line.
 """
 
@@ -28,15 +32,22 @@ from benchmarks._timing import time_sampled_step
 from benchmarks.peers.common import WORKLOADS
 
 
-def measure(workload: str, first_order: bool, inner_steps: int, steps: int) -> dict:
+def measure(
+    workload: str,
+    first_order: bool,
+    inner_steps: int,
+    steps: int,
+    steps_per_call: int = 1,
+) -> dict:
     """Builds, compiles and times our step; returns the JSON row."""
     state, sampler, meta_batch = throughput.build(
         workload, "maml", inner_steps, first_order
     )
-    compile_s, times, temp_mb = time_sampled_step(state, sampler, steps)
+    compile_s, times, temp_mb = time_sampled_step(state, sampler, steps, steps_per_call)
     median = float(np.median(times))
     return {
-        "impl": "maml_jax",
+        "impl": "maml_jax" if steps_per_call == 1 else "maml_jax-scan",
+        "steps_per_call": steps_per_call,
         "workload": workload,
         "order": "first" if first_order else "second",
         "inner_steps": inner_steps,
@@ -72,8 +83,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--order", choices=("first", "second"), default="second")
     p.add_argument("--inner-steps", type=int, default=1)
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps-per-call", type=int, default=1)
     args = p.parse_args(argv)
-    row = measure(args.workload, args.order == "first", args.inner_steps, args.steps)
+    row = measure(
+        args.workload,
+        args.order == "first",
+        args.inner_steps,
+        args.steps,
+        args.steps_per_call,
+    )
     print(json.dumps(row), flush=True)
     return row
 
