@@ -302,9 +302,16 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
     The same values as ``reduce_window``, and the same gradient as XLA's
     ``select_and_scatter`` and PyTorch's ``MaxPool2d``: each window's cotangent
     goes to its first maximal member in row-major order. Written as the max of the
-    four window members with a one-pass custom backward (a mask and a select, itself
-    differentiable for second-order meta-gradients), because ``reduce_window``'s
-    gradient is much slower on XLA:CPU and ``jnp.maximum``'s splits ties evenly.
+    four window members with a one-pass custom backward (a select on the index of
+    that member, itself differentiable for second-order meta-gradients), because
+    ``reduce_window``'s gradient is much slower on XLA:CPU and ``jnp.maximum``'s
+    splits ties evenly.
+
+    The index is computed with the maximum, from the same values, and kept for
+    the backward: routing by comparing ``x`` with the pooled output there instead
+    is fragile, since XLA may compute ``x`` twice (once into each fusion that uses
+    it) and, with floating-point contraction, the two copies can differ in the
+    last bit, so that no member of a window matches and its gradient is lost.
 
     Args:
       x: ``(N, H, W, C)``.
@@ -312,35 +319,32 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
     Returns:
       ``(N, H // 2, W // 2, C)``.
     """
-    a, b, c, d = _pool_windows(x)
-    return jnp.maximum(jnp.maximum(a, b), jnp.maximum(c, d))
+    return _max_pool_fwd(x)[0]
 
 
-def _max_pool_fwd(x: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    y = max_pool_2x2(x)
-    return y, (x, y)
+def _max_pool_fwd(x: jax.Array) -> tuple[jax.Array, tuple[jax.Array, tuple]]:
+    a, b, c, d = members = _pool_windows(x)
+    running = a
+    first_max = jnp.zeros(a.shape, jnp.int8)
+    for k, member in enumerate(members[1:], start=1):
+        # Strictly greater: on ties the earlier member keeps the gradient.
+        greater = member > running
+        first_max = jnp.where(greater, jnp.int8(k), first_max)
+        running = jnp.where(greater, member, running)
+    # jnp.maximum, not `running`: a NaN anywhere in the window propagates.
+    pooled = jnp.maximum(jnp.maximum(a, b), jnp.maximum(c, d))
+    return pooled, (first_max, x.shape)
 
 
-def _max_pool_bwd(
-    residuals: tuple[jax.Array, jax.Array], g: jax.Array
-) -> tuple[jax.Array]:
-    x, y = residuals
-    return (_max_pool_transpose(x, y, g),)
-
-
-def _max_pool_transpose(x: jax.Array, y: jax.Array, g: jax.Array) -> jax.Array:
-    """Routes ``g`` (pooled shape) to the first maximal member of each window."""
-    n, h, w, c = x.shape
-    taken = jnp.zeros(y.shape, bool)
-    routed = []
-    for member in _pool_windows(x):
-        hit = (member == y) & ~taken
-        taken = taken | hit
-        routed.append(jnp.where(hit, g, jnp.zeros_like(g)))
+def _max_pool_bwd(residuals: tuple[jax.Array, tuple], g: jax.Array) -> tuple[jax.Array]:
+    first_max, shape = residuals
+    n, h, w, c = shape
+    zeros = jnp.zeros_like(g)
+    routed = [jnp.where(first_max == k, g, zeros) for k in range(4)]
     top = jnp.stack(routed[:2], axis=3)
     bottom = jnp.stack(routed[2:], axis=3)
     dx = jnp.stack([top, bottom], axis=2).reshape(n, h // 2 * 2, w // 2 * 2, c)
-    return jnp.pad(dx, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
+    return (jnp.pad(dx, ((0, 0), (0, h % 2), (0, w % 2), (0, 0))),)
 
 
 max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
