@@ -31,6 +31,8 @@ FORMULATIONS = (  # (conv_impl, batching, chunk_size)
     ("im2col", "vmap", None),
     ("im2col", "scan", 8),
     ("im2col", "scan", 4),
+    ("im2col", "scan", 2),
+    ("im2col", "scan", 1),
     ("im2col", "unroll", 8),
     ("lax", "unroll", 8),
 )

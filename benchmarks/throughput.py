@@ -18,8 +18,8 @@ For each (learner, workload, order, inner steps) it reports the median and the
 step, the compile time, tasks/s and the compiled step's temporary memory
 (``compiled.memory_analysis()``), one JSON line each (``--jsonl`` appends them to a
 file), then a table. On CPU the Conv4 workloads use im2col convolutions with tasks
-in a ``lax.scan`` over chunks of 2 (the fastest measured formulation); elsewhere
-``lax`` convolutions and ``vmap``.
+in a ``lax.scan`` over chunks of 2–4 (``few_shot.cpu_chunk_size``, the fastest
+measured); elsewhere ``lax`` convolutions and ``vmap``.
 
 Command: ``python benchmarks/throughput.py --workloads sinusoid omniglot-5w1s
 --learners maml fomaml --inner-steps 1 5``; ``--smoke`` for a seconds-long run.
@@ -101,7 +101,8 @@ def build(workload: str, learner_name: str, inner_steps: int, first_order: bool)
         spec = episodes.EpisodeSpec(w["ways"], w["shots"], w["queries"])
         sampler = lambda key: episodes.sample_episodes(key, data, spec, w["meta_batch"])
         batching = "scan" if cpu else "vmap"
-        chunk = few_shot.cpu_chunk_size(w["meta_batch"]) if cpu else None
+        examples = w["ways"] * (w["shots"] + w["queries"])
+        chunk = few_shot.cpu_chunk_size(w["meta_batch"], examples) if cpu else None
     common = dict(inner_lr=w["inner_lr"], num_inner_steps=inner_steps, has_aux=has_aux)
     if learner_name in ("maml", "fomaml"):
         learner = maml_jax.maml(

@@ -122,15 +122,20 @@ TEST_KEY = 20170306  # fixed: the same test episodes for every run and seed
 ON_NONFINITE = {"stop": "raise", "skip": "skip"}
 
 
-# Tasks per chunk of the CPU "scan" batching: 2 measured fastest on a 2-core CPU
-# for Conv4 with row-patch convolutions (Omniglot 5w1s 15-query max-pool step:
-# 2.36 s against 2.59 s with 4 and 2.84 s with 8; see benchmarks/README.md).
-CPU_CHUNK_SIZE = 2
+# Tasks per chunk of the CPU "scan" batching, measured on a 2-core CPU
+# (benchmarks/README.md): at most 4 tasks and about 160 examples a chunk. Omniglot
+# 5w1s with 1 query per class (10 examples a task): 4 fastest (162 ms; 2: 173 ms,
+# 8: 171 ms); with 15 per class and max-pool (80 a task): 2 (2.36-2.51 s; 4: 2.59 s).
+CPU_MAX_CHUNK_SIZE = 4
+CPU_CHUNK_EXAMPLES = 160
 
 
-def cpu_chunk_size(meta_batch: int) -> int:
-    """The largest divisor of ``meta_batch`` up to ``CPU_CHUNK_SIZE``."""
-    return max(d for d in range(1, CPU_CHUNK_SIZE + 1) if meta_batch % d == 0)
+def cpu_chunk_size(meta_batch: int, examples_per_task: int) -> int:
+    """Tasks per ``scan`` chunk on CPU: the largest divisor of ``meta_batch`` up to
+    ``min(CPU_MAX_CHUNK_SIZE, CPU_CHUNK_EXAMPLES // examples_per_task)`` (at least 1).
+    """
+    limit = min(CPU_MAX_CHUNK_SIZE, max(1, CPU_CHUNK_EXAMPLES // examples_per_task))
+    return max(d for d in range(1, limit + 1) if meta_batch % d == 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,7 +265,8 @@ class FewShotConfig:
         batching = self.batching or ("scan" if cpu and not shard else "vmap")
         chunk = self.chunk_size
         if chunk is None and batching != "vmap":
-            chunk = cpu_chunk_size(self.meta_batch)
+            examples = self.ways * (self.shots + self.queries)
+            chunk = cpu_chunk_size(self.meta_batch, examples)
         return dataclasses.replace(
             self,
             conv_impl=self.conv_impl or ("im2col" if cpu else "lax"),
