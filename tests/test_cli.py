@@ -51,10 +51,11 @@ def _final_params(run_dir):
 def test_train_then_eval(omniglot_dir, dataset_cache, tmp_path, capsys):
     # Bit-exact resume is tested in test_faults.py (after SIGKILL at five points).
     full = tmp_path / "full"
-    _train(omniglot_dir, full, "--steps", "4")
+    _train(omniglot_dir, full, "--steps", "4", "--pre-adaptation-query")
     records = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [2, 4]
     assert all("eval/val_accuracy" in r for r in records)
+    assert all({"query_accuracy_pre", "query_accuracy_post"} <= set(r) for r in records)
     assert (full / "learning_curve.png").stat().st_size > 10_000
 
     capsys.readouterr()

@@ -178,3 +178,17 @@ def test_evaluate_shapes_and_summary():
     np.testing.assert_allclose(curves["query_loss"], full["query_loss"], rtol=1e-5)
     summary = maml_jax.summarize_curves(curves)
     assert len(summary["query_loss"]) == 4 and len(summary["query_loss_ci95"]) == 4
+
+
+def test_learning_curve_plots_logs_with_and_without_pre_adaptation_metrics(tmp_path):
+    from maml_jax import plots
+
+    for name, extra in (("post", {}), ("both", {"query_accuracy_pre": 0.2})):
+        path = tmp_path / f"{name}.jsonl"
+        rows = [
+            {"step": s, "loss": 1.0 / s, "query_accuracy_post": 0.5, **extra}
+            for s in (1, 2, 3)
+        ]
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        png = plots.learning_curve(path, tmp_path / f"{name}.png")
+        assert png.stat().st_size > 5_000
