@@ -50,7 +50,8 @@ def learning_curve(metrics_path, png_path, *, title: str = "") -> Path:
         ax_acc.plot(*zip(*evals, strict=True), "o-", label="validation")
     ax_acc.set_xlabel("meta-step")
     ax_acc.set_ylabel(name.replace("_", " "))
-    ax_acc.legend(fontsize=8)
+    if ax_acc.get_legend_handles_labels()[0]:  # an empty log has no series
+        ax_acc.legend(fontsize=8)
     ax_acc.grid(alpha=0.3)
     if title:
         fig.suptitle(title)

@@ -192,3 +192,6 @@ def test_learning_curve_plots_logs_with_and_without_pre_adaptation_metrics(tmp_p
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         png = plots.learning_curve(path, tmp_path / f"{name}.png")
         assert png.stat().st_size > 5_000
+    empty = tmp_path / "empty.jsonl"  # a --steps 0 run: no records, no legend
+    empty.write_text("")
+    assert plots.learning_curve(empty, tmp_path / "empty.png").is_file()
