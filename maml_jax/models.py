@@ -209,9 +209,25 @@ def conv_row_patches(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 def _row_patches(x: jax.Array, kh: int, kw: int) -> jax.Array:
     """``(N, H + kh - 1, W, kw·C)``: the ``kw`` horizontal taps of padded ``x``."""
-    w = x.shape[2]
-    x = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
-    return jnp.concatenate([x[:, :, j : j + w] for j in range(kw)], axis=-1)
+    n, h, w, c = x.shape
+    # Each tap is its own pad of x, stacked on a new axis: XLA:CPU fuses that
+    # into one loop, where slices of one padded copy fed an unfused concatenate
+    # (4x slower on the 14x14 layer).
+    zero = jnp.zeros((), x.dtype)
+    taps = [
+        jax.lax.pad(
+            x,
+            zero,
+            (
+                (0, 0, 0),
+                (kh // 2, kh // 2, 0),
+                (kw // 2 - j, j - kw // 2, 0),
+                (0, 0, 0),
+            ),
+        )
+        for j in range(kw)
+    ]
+    return jnp.stack(taps, axis=3).reshape(n, h + kh - 1, w, kw * c)
 
 
 def _conv_row_patches_fwd(

@@ -195,3 +195,38 @@ def test_learning_curve_plots_logs_with_and_without_pre_adaptation_metrics(tmp_p
     empty = tmp_path / "empty.jsonl"  # a --steps 0 run: no records, no legend
     empty.write_text("")
     assert plots.learning_curve(empty, tmp_path / "empty.png").is_file()
+
+
+def _scan_has_xs(jaxpr) -> bool:
+    (scan,) = [e for e in jaxpr.eqns if e.primitive.name == "scan"]
+    return len(scan.invars) > scan.params["num_consts"] + scan.params["num_carry"]
+
+
+@pytest.mark.parametrize("num_steps", [1, 5])
+def test_presampled_scan_draws_the_same_tasks_and_update(num_steps):
+    key = jax.random.key(3)
+    results = []
+    for presample in (True, False):
+        state, _ = _setup()
+        run = jax.jit(
+            lambda s, k, p=presample: train.scan_train_steps(
+                s, k, _sampler, num_steps, presample=p
+            )
+        )
+        results.append(run(state, key))
+    (new_a, metrics_a), (new_b, metrics_b) = results
+    assert int(new_a.step) == int(new_b.step) == num_steps
+    chex.assert_trees_all_close(new_a.meta_params, new_b.meta_params, rtol=1e-6)
+    chex.assert_trees_all_close(metrics_a, metrics_b, rtol=1e-5)
+    assert metrics_a["loss"].shape == (num_steps,)
+
+
+def test_scan_presamples_by_default_only_when_the_batches_are_small(monkeypatch):
+    state, _ = _setup()
+    trace = lambda: jax.make_jaxpr(
+        lambda s, k: train.scan_train_steps(s, k, _sampler, 10)
+    )(state, jax.random.key(0))
+    assert _scan_has_xs(trace().jaxpr)
+    batch_bytes = 4 * NUM_TASKS * 2 * (K + K)
+    monkeypatch.setattr(train, "PRESAMPLE_MAX_BYTES", 10 * batch_bytes - 1)
+    assert not _scan_has_xs(trace().jaxpr)
