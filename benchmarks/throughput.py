@@ -72,8 +72,20 @@ WORKLOADS = {
 LEARNERS = ("maml", "fomaml", "anil", "reptile", "meta_sgd", "imaml")
 
 
-def build(workload: str, learner_name: str, inner_steps: int, first_order: bool):
-    """Returns (state, sampler) for one benchmark configuration."""
+def build(
+    workload: str,
+    learner_name: str,
+    inner_steps: int,
+    first_order: bool,
+    precision: str = "float32",
+):
+    """Returns (state, sampler) for one benchmark configuration.
+
+    ``precision="bfloat16"``: Conv4 computes in bfloat16 (float32 parameters,
+    normalisation and sums; ``Conv4(dtype=jnp.bfloat16)``).
+    """
+    if precision not in ("float32", "bfloat16"):
+        raise ValueError(f"precision must be float32 or bfloat16; got {precision!r}.")
     w = WORKLOADS[workload]
     cpu = jax.default_backend() == "cpu"
     if w["kind"] == "sinusoid":
@@ -93,6 +105,7 @@ def build(workload: str, learner_name: str, inner_steps: int, first_order: bool)
             downsample=w.get("downsample", "stride" if omniglot else "maxpool"),
             head="mean" if omniglot else "flatten",
             conv_impl="im2col" if cpu else "lax",
+            dtype=jnp.bfloat16 if precision == "bfloat16" else None,
         )
         params = model.init(jax.random.key(0), jnp.zeros((2, *shape)))["params"]
         loss_fn = models.classification_loss(model.apply, loss_scale=w["ways"])

@@ -14,9 +14,11 @@ every row (with the machine, the load average before the run and the versions) t
 Table: s/meta-step is the median over rounds of each run's median; p10–p90 spans
 the lowest p10 to the highest p90 over rounds; tasks/s = meta-batch / that median;
 compile (ours only) is the median over rounds; peak RSS the largest; ratio = our
-tasks/s ÷ the row's tasks/s. ``maml_jax-scan`` (sinusoid only) is ours with 500
-meta-steps per call in one ``lax.scan``, as ``fit`` trains; its ratios get their
-own column.
+tasks/s ÷ the row's tasks/s, one column for each of our variants measured:
+``maml_jax``; ``maml_jax-scan`` (sinusoid only), ours with 500 meta-steps per call
+in one ``lax.scan``, as ``fit`` trains; ``maml_jax-bf16`` (Omniglot only), ours
+computing the convolutions in bfloat16, measured against learn2learn and higher
+under ``torch.autocast`` bfloat16 (``learn2learn-bf16``, ``higher-bf16``).
 
 Command: ``python benchmarks/peers/compare.py --workloads sinusoid --rounds 2``
 (after ``bash benchmarks/peers/setup.sh``).
@@ -51,7 +53,12 @@ from benchmarks.peers.common import (  # noqa: E402
 # dispatch to matter (an Omniglot step takes seconds).
 SCAN_STEPS_PER_CALL = 500
 SCAN_WORKLOADS = ("sinusoid",)
-IMPLS = ("maml_jax", "maml_jax-scan", *PEERS)
+# -bf16: bfloat16 compute (ours: Conv4(dtype=bfloat16); peers: torch.autocast),
+# for the convolutional workloads (the sinusoid MLP is dispatch-bound).
+BF16 = "-bf16"
+BF16_IMPLS = ("maml_jax-bf16", "learn2learn-bf16", "higher-bf16")
+IMPLS = ("maml_jax", "maml_jax-scan", *PEERS, *BF16_IMPLS)
+OURS = ("maml_jax", "maml_jax-scan", "maml_jax-bf16")
 
 
 def machine_info() -> dict:
@@ -71,6 +78,13 @@ def machine_info() -> dict:
     return info
 
 
+def runs_on(impl: str, workload: str) -> bool:
+    """Whether ``impl`` is measured on ``workload``."""
+    if impl == "maml_jax-scan":
+        return workload in SCAN_WORKLOADS
+    return not impl.endswith(BF16) or workload not in SCAN_WORKLOADS
+
+
 def command(impl: str, workload: str, args: argparse.Namespace) -> list[str]:
     """The command line of one measurement."""
     common = [
@@ -79,6 +93,9 @@ def command(impl: str, workload: str, args: argparse.Namespace) -> list[str]:
         f"--inner-steps={args.inner_steps}",
         f"--steps={args.steps}",
     ]
+    if impl.endswith(BF16):
+        impl = impl.removesuffix(BF16)
+        common.append("--precision=bfloat16")
     if impl == "maml_jax":
         return [str(args.python), "-m", "benchmarks.peers.run_ours", *common]
     if impl == "maml_jax-scan":
@@ -152,22 +169,20 @@ def table(rows: list[dict], impls: list[str]) -> str:
             "rss": max(r["peak_rss_mb"] for r in ok),
             "threads": ok[0].get("threads"),
         }
-    ours = summary.get("maml_jax", {}).get("tasks")
-    scanned = summary.get("maml_jax-scan", {}).get("tasks")
+    ours = {o: summary[o]["tasks"] for o in OURS if o in summary}
     out = [
         "| implementation | runs | threads | s/meta-step (median) | p10–p90 (s) "
-        "| tasks/s | compile (s) | peak RSS (MB) | ours ÷ this (tasks/s) |"
-        + (" ours scanned ÷ this |" if scanned else ""),
-        "|---|---|---|---|---|---|---|---|---|" + ("---|" if scanned else ""),
+        "| tasks/s | compile (s) | peak RSS (MB) |"
+        + "".join(f" {o} ÷ this |" for o in ours),
+        "|---|---|---|---|---|---|---|---|" + "---|" * len(ours),
     ]
     for impl, s in summary.items():
         compile_s = f"{s['compile']:.1f}" if s["compile"] is not None else "–"
-        ratio = f"{ours / s['tasks']:.2f}" if ours else "–"
         out.append(
             f"| {impl} | {s['runs']} | {s['threads']} | {s['median']:.4g} "
             f"| {s['p10']:.4g}–"
-            f"{s['p90']:.4g} | {s['tasks']:,.1f} | {compile_s} | {s['rss']:,.0f} "
-            f"| {ratio} |" + (f" {scanned / s['tasks']:.2f} |" if scanned else "")
+            f"{s['p90']:.4g} | {s['tasks']:,.1f} | {compile_s} | {s['rss']:,.0f} |"
+            + "".join(f" {t / s['tasks']:.2f} |" for t in ours.values())
         )
     for r in rows:
         if "error" in r:
@@ -214,11 +229,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     results = {}
     for workload in args.workloads:
         rows = []
-        impls = [
-            impl
-            for impl in args.impls
-            if impl != "maml_jax-scan" or workload in SCAN_WORKLOADS
-        ]
+        impls = [impl for impl in args.impls if runs_on(impl, workload)]
         for round_ in range(args.rounds):
             for impl in impls:
                 row = run_one(impl, workload, args)

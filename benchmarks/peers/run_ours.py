@@ -10,7 +10,9 @@ our step (it is part of our pipeline); the peers read pre-made batches.
 
 With ``--steps-per-call K`` each timed call runs ``K`` meta-steps in one
 ``lax.scan`` (as ``fit`` does, so dispatch is paid once per call) and the times are
-per meta-step; the row's ``impl`` is then ``maml_jax-scan``.
+per meta-step; the row's ``impl`` is then ``maml_jax-scan``. ``--precision
+bfloat16`` computes the convolutions in bfloat16 (``Conv4(dtype=jnp.bfloat16)``;
+``impl`` gets ``-bf16``).
 
 Command: ``python -m benchmarks.peers.run_ours --workload sinusoid``; one JSON line.
 """
@@ -38,16 +40,19 @@ def measure(
     inner_steps: int,
     steps: int,
     steps_per_call: int = 1,
+    precision: str = "float32",
 ) -> dict:
     """Builds, compiles and times our step; returns the JSON row."""
     state, sampler, meta_batch = throughput.build(
-        workload, "maml", inner_steps, first_order
+        workload, "maml", inner_steps, first_order, precision
     )
     compile_s, times, temp_mb = time_sampled_step(state, sampler, steps, steps_per_call)
     median = float(np.median(times))
     return {
-        "impl": "maml_jax" if steps_per_call == 1 else "maml_jax-scan",
+        "impl": ("maml_jax" if steps_per_call == 1 else "maml_jax-scan")
+        + ("-bf16" if precision == "bfloat16" else ""),
         "steps_per_call": steps_per_call,
+        "precision": precision,
         "workload": workload,
         "order": "first" if first_order else "second",
         "inner_steps": inner_steps,
@@ -84,6 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--inner-steps", type=int, default=1)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--steps-per-call", type=int, default=1)
+    p.add_argument("--precision", choices=("float32", "bfloat16"), default="float32")
     args = p.parse_args(argv)
     row = measure(
         args.workload,
@@ -91,6 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.inner_steps,
         args.steps,
         args.steps_per_call,
+        args.precision,
     )
     print(json.dumps(row), flush=True)
     return row

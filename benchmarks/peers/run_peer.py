@@ -17,7 +17,10 @@ Loss: ``loss_scale × mean cross-entropy`` (Omniglot, ``loss_scale = ways``) or 
 (sinusoid). Timing: ``--warmup`` steps, then ``--steps`` timed steps cycling
 through the exported meta-batches; torch's default thread count unless
 ``--threads`` (on a machine shared with other jobs, torch's OpenMP threads can
-slow down many-fold when the cores are oversubscribed).
+slow down many-fold when the cores are oversubscribed). ``--precision bfloat16``
+runs the meta-gradient under ``torch.autocast("cpu", dtype=torch.bfloat16)``
+(PyTorch's mixed precision: convolutions and matmuls in bfloat16, parameters and
+the Adam step in float32); ``impl`` gets ``-bf16``.
 
 Command: ``python -m benchmarks.peers.run_peer --impl learn2learn --workload
 sinusoid``.
@@ -205,18 +208,21 @@ def measure(
     inner_steps: int,
     steps: int,
     warmup: int,
+    precision: str = "float32",
 ) -> dict:
     """Times ``steps`` meta-train steps after ``warmup``; returns the JSON row."""
     exported = load_export(workload)
     batches = to_torch(exported)
     meta_grad, learning = make_meta_grad(impl, exported, inner_steps, first_order)
     opt = torch.optim.Adam(learning.parameters(), lr=1e-3)
+    bf16 = precision == "bfloat16"
     times, losses = [], []
     for i in range(warmup + steps):
         batch = batches[i % len(batches)]
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        losses.append(meta_grad(batch))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            losses.append(meta_grad(batch))
         opt.step()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
@@ -226,7 +232,8 @@ def measure(
 
     median = float(np.median(times))
     return {
-        "impl": impl,
+        "impl": impl + ("-bf16" if bf16 else ""),
+        "precision": precision,
         "workload": workload,
         "order": "first" if first_order else "second",
         "inner_steps": inner_steps,
@@ -271,6 +278,12 @@ def main(argv: list[str] | None = None) -> dict:
         default=0,
         help="torch.set_num_threads (default 0: torch's default, all cores)",
     )
+    p.add_argument(
+        "--precision",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="bfloat16: the meta-gradient under torch.autocast('cpu', bfloat16)",
+    )
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -281,6 +294,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.inner_steps,
         args.steps,
         args.warmup,
+        args.precision,
     )
     print(json.dumps(row), flush=True)
     return row
