@@ -207,8 +207,11 @@ def _bf16_round(a):
     return a.astype(jnp.bfloat16).astype(jnp.float32)
 
 
-@pytest.mark.parametrize("impl,c_in", [("im2col", 8), ("im2col", 1), ("lax", 8)])
-def test_bfloat16_convolution_accumulates_in_float32(impl, c_in):
+@pytest.mark.parametrize(
+    "impl,c_in,stride",
+    [("im2col", 8, 1), ("im2col", 1, 1), ("im2col", 8, 2), ("lax", 8, 1)],
+)
+def test_bfloat16_convolution_accumulates_in_float32(impl, c_in, stride):
     # bfloat16 operands, float32 sums: the result is the float32 convolution of
     # the rounded operands (products of bfloat16 values are exact in float32), not
     # a bfloat16-rounded one. Row patches (8 channels) and nine-tap im2col (1).
@@ -216,25 +219,27 @@ def test_bfloat16_convolution_accumulates_in_float32(impl, c_in):
     x = jax.random.normal(kx, (2, 6, 5, c_in), jnp.float32)
     kernel = jax.random.normal(kk, (3, 3, c_in, 4), jnp.float32)
     out = models.conv2d(
-        x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), stride=1, impl=impl
+        x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), stride=stride, impl=impl
     )
     assert out.dtype == jnp.float32
-    ref = models.conv2d(_bf16_round(x), _bf16_round(kernel), stride=1, impl="lax")
+    ref = models.conv2d(_bf16_round(x), _bf16_round(kernel), stride=stride, impl="lax")
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("c_in", [8, 1])
-def test_bfloat16_convolution_gradients_to_second_order(c_in):
+@pytest.mark.parametrize("c_in,stride", [(8, 1), (1, 1), (8, 2)])
+def test_bfloat16_convolution_gradients_to_second_order(c_in, stride):
     # The custom backward in bfloat16 (the cotangent rounded to bfloat16, sums in
     # float32, gradients returned in the operands' dtype) against the float32
     # gradients of the rounded operands, first and second order.
     kx, kk, kg = jax.random.split(jax.random.key(9), 3)
     x = _bf16_round(jax.random.normal(kx, (2, 6, 5, c_in)))
     kernel = _bf16_round(jax.random.normal(kk, (3, 3, c_in, 4)))
-    target = _bf16_round(jax.random.normal(kg, (2, 6, 5, 4)))
+    target = _bf16_round(jax.random.normal(kg, (2, 6 // stride, -(-5 // stride), 4)))
 
     def loss(x, k, dtype):
-        out = models.conv2d(x.astype(dtype), k.astype(dtype), stride=1, impl="im2col")
+        out = models.conv2d(
+            x.astype(dtype), k.astype(dtype), stride=stride, impl="im2col"
+        )
         return jnp.sum((out - target) ** 2)
 
     def grad_norm(x, k, dtype):  # second order: the gradient of a gradient norm
