@@ -4,7 +4,9 @@ Question: how many tasks per second does one jitted meta-train step (on-device t
 sampling, meta-gradient and optimizer update, with the state donated) process here,
 how long does it take to compile, and how much memory does the compiled step need?
 
-Workloads (paper protocols; image data random but of the right shape):
+Workloads (paper protocols; Omniglot episodes from the real images of the
+Vinyals training classes with random 90° rotations, ``--omniglot-dir``;
+mini-ImageNet data random but of the right shape):
 
 * ``sinusoid``: MLP 40-40, K=10 support + 10 query, meta-batch 25.
 * ``omniglot-5w1s``: Conv4 64 filters, stride 2, 28×28, 1 support + 1 query per
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import time
 from pathlib import Path
@@ -69,6 +72,10 @@ WORKLOADS = {
         kind="miniimagenet", ways=5, shots=1, queries=15, meta_batch=4, inner_lr=0.01
     ),
 }
+DEFAULT_OMNIGLOT_DIR = Path(
+    os.environ.get("MAML_JAX_OMNIGLOT_DIR")
+    or Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
+)
 LEARNERS = ("maml", "fomaml", "anil", "reptile", "meta_sgd", "imaml")
 
 
@@ -78,11 +85,15 @@ def build(
     inner_steps: int,
     first_order: bool,
     precision: str = "float32",
+    omniglot_classes: np.ndarray | None = None,
 ):
-    """Returns (state, sampler) for one benchmark configuration.
+    """Returns (state, sampler, meta_batch) for one benchmark configuration.
 
     ``precision="bfloat16"``: Conv4 computes in bfloat16 (float32 parameters,
     normalisation and sums; ``Conv4(dtype=jnp.bfloat16)``).
+    ``omniglot_classes``: ``(classes, 20, 28, 28, 1)`` real images for the
+    Omniglot workloads (``load_omniglot_classes``); ``None``: random images of
+    that shape (the timings do not depend on the values).
     """
     if precision not in ("float32", "bfloat16"):
         raise ValueError(f"precision must be float32 or bfloat16; got {precision!r}.")
@@ -110,8 +121,14 @@ def build(
         params = model.init(jax.random.key(0), jnp.zeros((2, *shape)))["params"]
         loss_fn = models.classification_loss(model.apply, loss_scale=w["ways"])
         has_aux = True
-        data = jax.random.uniform(jax.random.key(1), (100, 20, *shape))
-        spec = episodes.EpisodeSpec(w["ways"], w["shots"], w["queries"])
+        if omniglot and omniglot_classes is not None:
+            data = jnp.asarray(omniglot_classes)
+            spec = episodes.EpisodeSpec(
+                w["ways"], w["shots"], w["queries"], rotations=True
+            )
+        else:
+            data = jax.random.uniform(jax.random.key(1), (100, 20, *shape))
+            spec = episodes.EpisodeSpec(w["ways"], w["shots"], w["queries"])
         sampler = lambda key: episodes.sample_episodes(key, data, spec, w["meta_batch"])
         batching = "scan" if cpu else "vmap"
         examples = w["ways"] * (w["shots"] + w["queries"])
@@ -143,6 +160,13 @@ def build(
         chunk_size=chunk,
     )
     return state, sampler, w["meta_batch"]
+
+
+def load_omniglot_classes(data_dir: Path) -> np.ndarray:
+    """The Vinyals training classes' images, ``(1028, 20, 28, 28, 1)``."""
+    from maml_jax import datasets
+
+    return datasets.omniglot_classes(data_dir, "vinyals-train", rotations=False)
 
 
 def step_flops(state, sampler) -> float | None:
@@ -199,9 +223,21 @@ def feeding_fraction(state, sampler, repeats: int, steps_per_call: int) -> float
 
 
 def measure(
-    workload, learner_name, inner_steps, first_order, repeats, ceiling=None
+    workload,
+    learner_name,
+    inner_steps,
+    first_order,
+    repeats,
+    ceiling=None,
+    omniglot_classes=None,
 ) -> dict:
-    state, sampler, meta_batch = build(workload, learner_name, inner_steps, first_order)
+    state, sampler, meta_batch = build(
+        workload,
+        learner_name,
+        inner_steps,
+        first_order,
+        omniglot_classes=omniglot_classes,
+    )
     flops = step_flops(state, sampler)
     # Feeding is timed on a scan of many steps where steps are short, so that
     # dispatch does not hide it; a few repeats suffice for the slow workloads.
@@ -249,12 +285,34 @@ def main(argv=None) -> list[dict]:
         "--first-order", action="store_true", help="also measure first-order variants"
     )
     p.add_argument("--repeats", type=int, default=20)
+    p.add_argument(
+        "--omniglot-dir",
+        type=Path,
+        default=DEFAULT_OMNIGLOT_DIR,
+        help="folder with the Omniglot zips (default: $MAML_JAX_OMNIGLOT_DIR or "
+        "../shared/data/omniglot)",
+    )
+    p.add_argument(
+        "--random-images",
+        action="store_true",
+        help="time the Omniglot workloads on random images of the right shape",
+    )
     p.add_argument("--jsonl", type=Path)
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args(argv)
     if args.smoke:
         args.workloads, args.learners, args.repeats = ["sinusoid"], ["maml"], 3
         args.inner_steps = [1, 2]
+    omniglot_classes = None
+    if not args.random_images and any(
+        WORKLOADS[w]["kind"] == "omniglot" for w in args.workloads
+    ):
+        if not (args.omniglot_dir / "images_background.zip").is_file():
+            p.error(
+                f"no Omniglot archives in {args.omniglot_dir}: pass --omniglot-dir "
+                f"(the folder with images_background.zip) or --random-images."
+            )
+        omniglot_classes = load_omniglot_classes(args.omniglot_dir)
     ceiling = matmul_ceiling()
     print(f"float32 matmul ceiling: {ceiling:.0f} GFLOP/s", flush=True)
     rows = []
@@ -264,8 +322,17 @@ def main(argv=None) -> list[dict]:
             for steps in args.inner_steps:
                 for first_order in orders:
                     row = measure(
-                        workload, name, steps, first_order, args.repeats, ceiling
+                        workload,
+                        name,
+                        steps,
+                        first_order,
+                        args.repeats,
+                        ceiling,
+                        omniglot_classes,
                     )
+                    if WORKLOADS[workload]["kind"] == "omniglot":
+                        real = omniglot_classes is not None
+                        row["images"] = "real" if real else "random"
                     print(json.dumps(row), flush=True)
                     if args.jsonl:
                         with args.jsonl.open("a") as f:

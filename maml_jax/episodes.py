@@ -87,10 +87,10 @@ def sample_episode(key: jax.Array, data: jax.Array, spec: EpisodeSpec) -> Task:
     per_class = spec.shots + spec.queries
     key_classes, key_examples = jax.random.split(key)
     num_labels = num_classes * (4 if spec.rotations else 1)
-    classes = jax.random.choice(key_classes, num_labels, (spec.ways,), replace=False)
+    classes = _draw_without_replacement(key_classes, num_labels, spec.ways)
     example_keys = jax.random.split(key_examples, spec.ways)
     examples = jax.vmap(
-        lambda k: jax.random.choice(k, num_examples, (per_class,), replace=False)
+        lambda k: _draw_without_replacement(k, num_examples, per_class)
     )(example_keys)
     stored = classes // 4 if spec.rotations else classes
     images = data[stored[:, None], examples]  # (ways, per_class, H, W, C)
@@ -123,6 +123,17 @@ def sample_episodes(
     check_episode_spec(spec, data.shape)
     keys = jax.random.split(key, num_tasks)
     return jax.vmap(sample_episode, in_axes=(0, None, None))(keys, data, spec)
+
+
+def _draw_without_replacement(key: jax.Array, n: int, k: int) -> jax.Array:
+    """``k`` distinct integers of ``[0, n)``, a uniformly random ordered draw.
+
+    The indices of the ``k`` largest of ``n`` i.i.d. uniforms: the same
+    distribution as ``jax.random.choice(..., replace=False)``, which shuffles all
+    ``n`` (measured 47 ms against 1.5 ms for 32 draws of 5 of Omniglot's 4,112
+    rotated classes, a quarter of the paper-protocol meta-step).
+    """
+    return jax.lax.top_k(jax.random.uniform(key, (n,)), k)[1]
 
 
 def _rotate(images: jax.Array, quarter_turns: jax.Array) -> jax.Array:
