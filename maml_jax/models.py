@@ -552,12 +552,15 @@ def _patch_batch_norm_fwd(patches, kernel, scale, offset, eps):
     augmented = jnp.concatenate([centred, ones], axis=-1)
     weights = jnp.concatenate([normalized_kernel * scale[None], offset[None]], axis=0)
     out = jnp.einsum("...t,tf->...f", augmented, weights.astype(augmented.dtype))
-    return out, (augmented, cov, normalized_kernel, inv_std, scale)
+    # Zero-size arrays carry the inputs' dtypes to the backward: the cotangents
+    # must match them (float32 parameters against float64 images under x64).
+    likes = tuple(jnp.zeros((0,), a.dtype) for a in (patches, kernel, scale, offset))
+    return out, (augmented, cov, normalized_kernel, inv_std, scale, likes)
 
 
 def _patch_batch_norm_bwd(eps, residuals, g):
     del eps
-    augmented, cov, normalized_kernel, inv_std, scale = residuals
+    augmented, cov, normalized_kernel, inv_std, scale, likes = residuals
     t = augmented.shape[-1] - 1
     rows = augmented.reshape(-1, t + 1)
     count = rows.shape[0]
@@ -576,7 +579,8 @@ def _patch_batch_norm_bwd(eps, residuals, g):
         scale * d_scale / count
     )
     d_patches = jnp.einsum("...f,tf->...t", d_z, normalized_kernel)
-    return d_patches, d_kernel, d_scale, g_sum
+    grads = (d_patches, d_kernel, d_scale, g_sum)
+    return tuple(d.astype(like.dtype) for d, like in zip(grads, likes, strict=True))
 
 
 patch_batch_norm.defvjp(_patch_batch_norm_fwd, _patch_batch_norm_bwd)

@@ -353,3 +353,16 @@ def test_patch_batch_norm_float32_statistics_on_omniglot(omniglot_dir, dataset_c
     assert float(jnp.max(jnp.abs(out - ref))) < 2e-5
     std = lambda y: jnp.sqrt(jnp.mean(jnp.square(y), axis=(0, 1, 2)))  # noqa: E731
     np.testing.assert_allclose(std(out.astype(jnp.float64)), std(ref), rtol=3e-6)
+
+
+def test_patch_batch_norm_gradients_keep_each_input_dtype():
+    # float64 images against float32 parameters (x64 on): each cotangent must
+    # have its input's dtype, or a scan over meta-steps sees its carry change.
+    patches = jax.random.normal(jax.random.key(0), (2, 3, 3, 9), jnp.float64)
+    kernel = jax.random.normal(jax.random.key(1), (9, 4), jnp.float32)
+    scale, offset = jnp.ones(4, jnp.float32), jnp.zeros(4, jnp.float32)
+    grads = jax.grad(
+        lambda *a: jnp.sum(jnp.sin(models.patch_batch_norm(*a, 1e-5))),
+        argnums=(0, 1, 2, 3),
+    )(patches, kernel, scale, offset)
+    assert [g.dtype for g in grads] == [jnp.float64] + [jnp.float32] * 3
