@@ -674,7 +674,8 @@ class Conv4(nn.Module):
                 # Batch norm from the patches' covariance (see patch_batch_norm);
                 # the bias cancels in the normalisation.
                 dtype = accumulation_dtype(jnp.result_type(x, kernel))
-                patches = im2col_patches(x.astype(dtype), 3, 3, stride)
+                kh, kw = kernel.shape[:2]
+                patches = im2col_patches(x.astype(dtype), kh, kw, stride)
                 scale, offset = self._norm_params(block)
                 x = patch_batch_norm(
                     patches,
