@@ -42,3 +42,17 @@ def dataset_cache(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("maml_jax_cache")
     os.environ["MAML_JAX_CACHE_DIR"] = str(path)
     return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def subprocess_compilation_cache(tmp_path_factory) -> Path:
+    """A persistent XLA compilation cache shared by the ``maml-jax`` processes the
+    tests start (killed and resumed runs compile the same step; this halves the
+    fault suite's time). Only child processes read it: this process imported jax,
+    and read its configuration, before the variables are set."""
+    path = tmp_path_factory.mktemp("jax_compilation_cache")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = str(path)
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+    assert jax.config.jax_compilation_cache_dir is None
+    return path
