@@ -12,9 +12,17 @@ removes any per-channel shift), so what is computed there is rounding: their
 difference is measured against the norm of the whole meta-gradient instead.
 
 * learn2learn and higher must agree with ours to ``TOLERANCE``: float64 ≤ 1e-13
-  measured; float32 6e-6 to 2.4e-4 (varying between runs), which is torch's
-  float32 rounding (against our float64 gradient, ours in float32 is ~3e-6 off,
-  learn2learn and higher up to ~2.4e-4).
+  measured.
+* Float32 is measured as a backward error: the distance to the nearest of our
+  float64 meta-gradients at the weights and at ``PERTURBATIONS`` copies of the
+  weights perturbed by ``PERTURBATION`` (3e-7 relative, a few float32 roundings).
+  With 2 inner steps on the Omniglot batch the meta-gradient is discontinuous
+  within that distance (a ReLU or max-pool switch): float64 meta-gradients at
+  weights 3e-7 apart differ by 2.2e-3, and which side a float32 computation lands
+  on depends on its rounding (measured: learn2learn and higher 3.2e-5 from the
+  float64 meta-gradient at the weights, ours 2.2e-3 from it but 3.8e-5 from the
+  one at a perturbed copy). Ours must be within ``OURS_FLOAT32_ERROR`` (1e-4),
+  learn2learn and higher within ``TOLERANCE`` (1e-3; ~3e-5 measured).
 * torch.func's second-order meta-gradient on the Conv4 is wrong, by ~0.1 (1 inner
   step) and ~0.9 (2 steps) in float32 and float64 alike; looping over tasks
   instead of ``vmap`` it agrees to ~4e-14, and a toy conv → batch norm shows the
@@ -53,6 +61,10 @@ OMNIGLOT = "omniglot-5w1s-q15-maxpool"
 NUM_TASKS = 4  # of the 32 in a meta-batch (the test's time is mostly our compiles)
 TOLERANCE = {"float32": 1e-3, "float64": 1e-10}
 OURS_FLOAT32_ERROR = 1e-4  # ours in float32 against ours in float64
+# Float32 results are compared with float64 meta-gradients at the weights and at
+# PERTURBATIONS copies of them perturbed by a few float32 roundings (see above).
+PERTURBATION = 3e-7
+PERTURBATIONS = 8
 # torch.func's second-order meta-gradient on the Conv4 is off by far more than
 # rounding (~0.1 measured); asserted as a floor, in both dtypes.
 TORCHFUNC_CONV4_WRONG = 1e-2
@@ -81,33 +93,40 @@ def exported(workload: str) -> Exported:
 
 
 @functools.cache
-def ours(
-    workload: str, inner_steps: int, dtype: str, first_order: bool = False
-) -> dict[str, np.ndarray]:
-    """maml_jax's meta-gradient, with the learner and batching of ``build``."""
-    e = exported(workload)
+def _meta_gradient_fn(workload: str, inner_steps: int, first_order: bool):
+    """maml_jax's jitted meta-gradient ``(params, tasks) -> grads`` with the learner
+    and batching of ``build``."""
     state, _, _ = throughput.build(workload, "maml", inner_steps, first_order)
+    return jax.jit(
+        lambda p, t: maml_jax.meta_value_and_grad(
+            state.learner, p, t, batching=state.batching, chunk_size=state.chunk_size
+        )[1]
+    )
+
+
+def _meta_gradient(
+    workload: str,
+    inner_steps: int,
+    dtype: str,
+    first_order: bool,
+    params: dict[str, np.ndarray],
+) -> dict[str, np.ndarray]:
+    e = exported(workload)
     cast = lambda a: jax.numpy.asarray(a).astype(dtype) if a.dtype.kind == "f" else a
-    params = {k: cast(v) for k, v in e.params.items()}
     nested: dict = {}
     for k, v in params.items():
         *outer, leaf = k.split("/")
         d = nested
         for part in outer:
             d = d.setdefault(part, {})
-        d[leaf] = v
+        d[leaf] = cast(v)
     tasks = Task(
         support=(cast(e.support_x[0]), jax.numpy.asarray(e.support_y[0])),
         query=(cast(e.query_x[0]), jax.numpy.asarray(e.query_y[0])),
     )
     if e.kind == "sinusoid":
         tasks = jax.tree.map(cast, tasks)
-    fn = jax.jit(
-        lambda p, t: maml_jax.meta_value_and_grad(
-            state.learner, p, t, batching=state.batching, chunk_size=state.chunk_size
-        )
-    )
-    _, grads = fn(nested, tasks)
+    grads = _meta_gradient_fn(workload, inner_steps, first_order)(nested, tasks)
     flat = jax.tree_util.tree_flatten_with_path(grads)[0]
     out = {
         "/".join(str(getattr(k, "key", k)) for k in path): np.asarray(leaf)
@@ -115,6 +134,44 @@ def ours(
     }
     assert all(v.dtype == np.dtype(dtype) for v in out.values())
     return out
+
+
+@functools.cache
+def ours(
+    workload: str, inner_steps: int, dtype: str, first_order: bool = False
+) -> dict[str, np.ndarray]:
+    """maml_jax's meta-gradient, with the learner and batching of ``build``."""
+    params = exported(workload).params
+    return _meta_gradient(workload, inner_steps, dtype, first_order, params)
+
+
+@functools.cache
+def float64_references(workload: str, inner_steps: int) -> list[dict[str, np.ndarray]]:
+    """Our float64 meta-gradient at the weights, then at ``PERTURBATIONS`` copies
+    of them, each multiplied by ``1 + PERTURBATION · N(0, 1)`` (fixed seeds)."""
+    params = exported(workload).params
+    references = [ours(workload, inner_steps, "float64")]
+    for seed in range(PERTURBATIONS):
+        rng = np.random.default_rng(seed)
+        perturbed = {
+            k: v * (1 + PERTURBATION * rng.standard_normal(v.shape))
+            for k, v in params.items()
+        }
+        references.append(
+            _meta_gradient(workload, inner_steps, "float64", False, perturbed)
+        )
+    return references
+
+
+def float32_backward_error(
+    workload: str, inner_steps: int, grads: dict[str, np.ndarray]
+) -> float:
+    """How far a float32 meta-gradient is from the exact (float64) one at the
+    weights or at weights within ``PERTURBATION`` of them, whichever is nearest:
+    the error of a float32 computation measured as the float32 roundings of its
+    inputs it corresponds to (see the module docstring)."""
+    references = float64_references(workload, inner_steps)
+    return min(max_relative_difference(ref, grads) for ref in references)
 
 
 @functools.cache
@@ -155,17 +212,24 @@ def max_relative_difference(
 @pytest.mark.parametrize("workload", ["sinusoid", OMNIGLOT])
 @pytest.mark.parametrize("impl", PEERS)
 def test_meta_gradient_agrees(impl, workload, inner_steps, dtype):
-    diff = max_relative_difference(
-        ours(workload, inner_steps, dtype), peer(impl, workload, inner_steps, dtype)
-    )
+    theirs = peer(impl, workload, inner_steps, dtype)
+    diff = max_relative_difference(ours(workload, inner_steps, dtype), theirs)
     key = (f"{impl} {dtype} vs ours {dtype}", "second", workload, inner_steps)
     MEASURED[key] = diff
     if impl == "torchfunc" and workload == OMNIGLOT:
         assert diff > TORCHFUNC_CONV4_WRONG, (
             f"torch.func now agrees ({diff:.2e}): update TORCHFUNC_CONV4_WRONG"
         )
-    else:
+    elif dtype == "float64":
         assert diff < TOLERANCE[dtype]
+    else:
+        # Ours float32 is held to OURS_FLOAT32_ERROR by test_float32_error; here
+        # the peer's float32 result must be as close to an exact meta-gradient
+        # at weights within float32 rounding.
+        error = float32_backward_error(workload, inner_steps, theirs)
+        key = (f"{impl} float32 backward error", "second", workload, inner_steps)
+        MEASURED[key] = error
+        assert error < TOLERANCE[dtype]
 
 
 @pytest.mark.parametrize("workload", ["sinusoid", OMNIGLOT])
@@ -183,7 +247,8 @@ def test_first_order_agrees(impl, workload):
 @pytest.mark.parametrize("inner_steps", [1, 2])
 @pytest.mark.parametrize("workload", ["sinusoid", OMNIGLOT])
 def test_float32_error(workload, inner_steps):
-    """float32 against our float64 meta-gradient: ours, and each peer (reported)."""
+    """float32 against our float64 meta-gradient, directly (reported) and as the
+    backward error (asserted for ours, reported for each peer)."""
     reference = ours(workload, inner_steps, "float64")
     for name in ("ours", *PEERS):
         grads = (
@@ -193,7 +258,9 @@ def test_float32_error(workload, inner_steps):
         )
         key = (f"{name} float32 vs ours float64", "second", workload, inner_steps)
         MEASURED[key] = max_relative_difference(reference, grads)
-    error = MEASURED[("ours float32 vs ours float64", "second", workload, inner_steps)]
+        key = (f"{name} float32 backward error", "second", workload, inner_steps)
+        MEASURED[key] = float32_backward_error(workload, inner_steps, grads)
+    error = MEASURED[("ours float32 backward error", "second", workload, inner_steps)]
     assert error < OURS_FLOAT32_ERROR
 
 
