@@ -224,12 +224,13 @@ def conv_row_patches(x: jax.Array, kernel: jax.Array) -> jax.Array:
     im2col's FLOPs but moves about a third of its memory, which is what bounds a
     convolution of per-task kernels on XLA:CPU.
 
-    Its custom backward computes the input gradient as the same convolution of
-    the output gradient with the flipped kernel (instead of a matmul back to the
-    patches and a scatter-add out of them) and the kernel gradient as one matmul
-    of the patches with the output gradient shifted by each kernel row. The
-    backward is plain JAX and calls this function again, so second-order
-    meta-gradients go through it and stay on the fast path.
+    Its custom backward builds one array, the output gradient shifted down by
+    each kernel row ``(N, H + kh - 1, W, kh·F)``, and uses it twice: the kernel
+    gradient is one matmul of it with the patches, and the input gradient one
+    matmul of it with the kernel back to the patches' shape followed by a sum of
+    the ``kw`` taps moved back to their columns (slices XLA fuses into the sum),
+    so no patches of the output gradient are built. The backward is plain,
+    differentiable JAX, so second-order meta-gradients go through it.
 
     Args:
       x: ``(N, H, W, C)``.
@@ -307,16 +308,31 @@ def _conv_row_patches_bwd(
     x_or_patches, kernel = residuals
     dtype = x_or_patches.dtype
     kh, kw, c_in, c_out = kernel.shape
-    # SAME with an odd kernel: the input gradient is the SAME convolution of g
-    # with the kernel flipped in space and its channel axes swapped.
+    n, h, w, _ = g.shape
     g = g.astype(dtype)
-    d_x = conv_row_patches(g, jnp.flip(kernel, (0, 1)).swapaxes(2, 3))
-    # Patch row r' meets kernel row i at output row r' - i.
+    # The products' cotangent: patch row r' meets kernel row i at output row
+    # r' - i, so it is g shifted down by each kernel row, (N·(H + kh - 1)·W, kh·F).
     shifted = jnp.stack(
         [jnp.pad(g, ((0, 0), (i, kh - 1 - i), (0, 0), (0, 0))) for i in range(kh)],
         axis=3,
     )
     shifted = shifted.reshape(-1, kh * c_out)
+    # Input gradient: back to the patches with one matmul, then each horizontal
+    # tap moved back to its column and summed (the transpose of building the
+    # patches). It reuses `shifted`, where another convolution of g would build
+    # a second set of patches.
+    by_kernel_row = kernel.transpose(1, 2, 0, 3).reshape(kw * c_in, kh * c_out)
+    d_patches = _matmul(shifted, by_kernel_row.astype(dtype), "mf,kf->mk")
+    d_patches = d_patches.reshape(n, h + kh - 1, w, kw, c_in)[:, kh // 2 : kh // 2 + h]
+    zero = jnp.zeros((), d_patches.dtype)
+    d_x = sum(
+        jax.lax.pad(
+            d_patches[:, :, :, j],
+            zero,
+            ((0, 0, 0), (0, 0, 0), (j - kw // 2, kw // 2 - j, 0), (0, 0, 0)),
+        )
+        for j in range(kw)
+    )
     if _channel_major_kernel_grad(dtype):
         taps = _row_taps(x_or_patches, kh, kw)
         by_channel = jnp.stack([t.transpose(3, 0, 1, 2) for t in taps])
