@@ -216,21 +216,21 @@ _PATCH_NORM_MAX_COLUMNS = 32
 def conv_row_patches(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """Stride-1 ``SAME`` convolution (odd kernel sizes) from one kernel row's patches.
 
-    The patches hold only the ``kw`` horizontal taps, ``(N, H + kh - 1, W, kw·C)``
-    (a third of im2col's nine taps for 3×3), and one matmul multiplies them by all
-    ``kh`` kernel rows at once, giving ``(N, H + kh - 1, W, kh, F)``; output row
-    ``r`` is then the sum over kernel rows ``i`` of that product at padded row
-    ``r + i``, slices XLA fuses into the sum. It does ``(H + kh - 1) / H`` of
+    The patches hold only the ``kw`` horizontal taps, ``(N, H, W, kw·C)`` (a
+    third of im2col's nine taps for 3×3), and one matmul multiplies them by all
+    ``kh`` kernel rows at once, giving ``(N, H, W, kh, F)``; output row ``r`` is
+    then the sum over kernel rows ``i`` of that product at row ``r + i − kh // 2``
+    (zero outside the image), shifted slices XLA fuses into the sum. It does
     im2col's FLOPs but moves about a third of its memory, which is what bounds a
     convolution of per-task kernels on XLA:CPU.
 
-    Its custom backward builds one array, the output gradient shifted down by
-    each kernel row ``(N, H + kh - 1, W, kh·F)``, and uses it twice: the kernel
-    gradient is one matmul of it with the patches, and the input gradient one
-    matmul of it with the kernel back to the patches' shape followed by a sum of
-    the ``kw`` taps moved back to their columns (slices XLA fuses into the sum),
-    so no patches of the output gradient are built. The backward is plain,
-    differentiable JAX, so second-order meta-gradients go through it.
+    Its custom backward builds one array, the output gradient shifted by each
+    kernel row ``(N, H, W, kh·F)``, and uses it twice: the kernel gradient is one
+    matmul of it with the patches, and the input gradient one matmul of it with
+    the kernel back to the patches' shape followed by a sum of the ``kw`` taps
+    moved back to their columns (slices XLA fuses into the sum), so no patches of
+    the output gradient are built. The backward is plain, differentiable JAX, so
+    second-order meta-gradients go through it.
 
     Args:
       x: ``(N, H, W, C)``.
@@ -243,32 +243,28 @@ def conv_row_patches(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 
 def _row_patches(x: jax.Array, kh: int, kw: int) -> jax.Array:
-    """``(N, H + kh - 1, W, kw·C)``: the ``kw`` horizontal taps of padded ``x``."""
+    """``(N, H, W, kw·C)``: the ``kw`` horizontal taps of ``x``."""
     n, h, w, c = x.shape
     # Each tap is its own pad of x, stacked on a new axis: XLA:CPU fuses that
     # into one loop, where slices of one padded copy fed an unfused concatenate
     # (4x slower on the 14x14 layer).
     taps = _row_taps(x, kh, kw)
-    return jnp.stack(taps, axis=3).reshape(n, h + kh - 1, w, kw * c)
+    return jnp.stack(taps, axis=3).reshape(n, h, w, kw * c)
 
 
 def _row_taps(x: jax.Array, kh: int, kw: int) -> list[jax.Array]:
-    """The ``kw`` horizontal taps, each ``(N, H + kh - 1, W, C)``: ``x`` padded
-    by ``kh // 2`` rows and shifted by ``j - kw // 2`` columns."""
-    zero = jnp.zeros((), x.dtype)
-    return [
-        jax.lax.pad(
-            x,
-            zero,
-            (
-                (0, 0, 0),
-                (kh // 2, kh // 2, 0),
-                (kw // 2 - j, j - kw // 2, 0),
-                (0, 0, 0),
-            ),
-        )
-        for j in range(kw)
-    ]
+    """The ``kw`` horizontal taps, each ``(N, H, W, C)``: ``x`` shifted by
+    ``j − kw // 2`` columns, zero-filled."""
+    del kh
+    return [_shift(x, 2, kw // 2 - j) for j in range(kw)]
+
+
+def _shift(x: jax.Array, axis: int, offset: int) -> jax.Array:
+    """``y[..., k, ...] = x[..., k − offset, ...]`` along ``axis``, zero where that
+    index falls outside ``x`` (one ``lax.pad``, which XLA fuses)."""
+    config = [(0, 0, 0)] * x.ndim
+    config[axis] = (offset, -offset, 0)
+    return jax.lax.pad(x, jnp.zeros((), x.dtype), config)
 
 
 def _conv_row_patches_fwd(
@@ -280,10 +276,9 @@ def _conv_row_patches_fwd(
     # (kw, C) rows against (kh, F) columns: every kernel row in one matmul.
     by_kernel_row = kernel.transpose(1, 2, 0, 3).reshape(kw * c_in, kh * c_out)
     products = patch_matmul(patches, by_kernel_row.astype(patches.dtype))
-    products = products.reshape(n, h + kh - 1, w, kh, c_out)
-    out = products[:, :h, :, 0]
-    for i in range(1, kh):
-        out = out + products[:, i : i + h, :, i]
+    products = products.reshape(n, h, w, kh, c_out)
+    # Kernel row i meets output row r at input row r + i - kh // 2.
+    out = sum(_shift(products[:, :, :, i], 1, kh // 2 - i) for i in range(kh))
     # bfloat16: keep x and rebuild the patches channel-major in the backward (see
     # there); float32: keep the patches.
     return out, (x if _channel_major_kernel_grad(x.dtype) else patches, kernel)
@@ -310,12 +305,9 @@ def _conv_row_patches_bwd(
     kh, kw, c_in, c_out = kernel.shape
     n, h, w, _ = g.shape
     g = g.astype(dtype)
-    # The products' cotangent: patch row r' meets kernel row i at output row
-    # r' - i, so it is g shifted down by each kernel row, (N·(H + kh - 1)·W, kh·F).
-    shifted = jnp.stack(
-        [jnp.pad(g, ((0, 0), (i, kh - 1 - i), (0, 0), (0, 0))) for i in range(kh)],
-        axis=3,
-    )
+    # The products' cotangent: input row r' meets kernel row i at output row
+    # r' - i + kh // 2, so it is g shifted by each kernel row, (N·H·W, kh·F).
+    shifted = jnp.stack([_shift(g, 1, i - kh // 2) for i in range(kh)], axis=3)
     shifted = shifted.reshape(-1, kh * c_out)
     # Input gradient: back to the patches with one matmul, then each horizontal
     # tap moved back to its column and summed (the transpose of building the
@@ -323,16 +315,8 @@ def _conv_row_patches_bwd(
     # a second set of patches.
     by_kernel_row = kernel.transpose(1, 2, 0, 3).reshape(kw * c_in, kh * c_out)
     d_patches = _matmul(shifted, by_kernel_row.astype(dtype), "mf,kf->mk")
-    d_patches = d_patches.reshape(n, h + kh - 1, w, kw, c_in)[:, kh // 2 : kh // 2 + h]
-    zero = jnp.zeros((), d_patches.dtype)
-    d_x = sum(
-        jax.lax.pad(
-            d_patches[:, :, :, j],
-            zero,
-            ((0, 0, 0), (0, 0, 0), (j - kw // 2, kw // 2 - j, 0), (0, 0, 0)),
-        )
-        for j in range(kw)
-    )
+    d_patches = d_patches.reshape(n, h, w, kw, c_in)
+    d_x = sum(_shift(d_patches[:, :, :, j], 2, j - kw // 2) for j in range(kw))
     if _channel_major_kernel_grad(dtype):
         taps = _row_taps(x_or_patches, kh, kw)
         by_channel = jnp.stack([t.transpose(3, 0, 1, 2) for t in taps])
