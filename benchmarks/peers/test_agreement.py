@@ -20,8 +20,8 @@ difference is measured against the norm of the whole meta-gradient instead.
   within that distance (a ReLU or max-pool switch): float64 meta-gradients at
   weights 3e-7 apart differ by 2.2e-3, and which side a float32 computation lands
   on depends on its rounding (measured: learn2learn and higher 3.2e-5 from the
-  float64 meta-gradient at the weights; ours, with an earlier row-patch backward,
-  2.2e-3 from it but 3.8e-5 from the one at a perturbed copy, now 3.3e-5 from
+  float64 meta-gradient at the weights; ours 2.2e-3 from it but 3.8e-5 from the
+  one at a perturbed copy, and with an earlier row-patch convolution 3.3e-5 from
   it). Ours must be within ``OURS_FLOAT32_ERROR`` (1e-4), learn2learn and
   higher within ``TOLERANCE`` (1e-3; ~3e-5 measured).
 * torch.func's second-order meta-gradient on the Conv4 is wrong, by ~0.1 (1 inner
