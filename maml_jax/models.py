@@ -248,14 +248,13 @@ def _row_patches(x: jax.Array, kh: int, kw: int) -> jax.Array:
     # Each tap is its own pad of x, stacked on a new axis: XLA:CPU fuses that
     # into one loop, where slices of one padded copy fed an unfused concatenate
     # (4x slower on the 14x14 layer).
-    taps = _row_taps(x, kh, kw)
+    taps = _row_taps(x, kw)
     return jnp.stack(taps, axis=3).reshape(n, h, w, kw * c)
 
 
-def _row_taps(x: jax.Array, kh: int, kw: int) -> list[jax.Array]:
+def _row_taps(x: jax.Array, kw: int) -> list[jax.Array]:
     """The ``kw`` horizontal taps, each ``(N, H, W, C)``: ``x`` shifted by
     ``j − kw // 2`` columns, zero-filled."""
-    del kh
     return [_shift(x, 2, kw // 2 - j) for j in range(kw)]
 
 
@@ -267,15 +266,20 @@ def _shift(x: jax.Array, axis: int, offset: int) -> jax.Array:
     return jax.lax.pad(x, jnp.zeros((), x.dtype), config)
 
 
+def _by_kernel_row(kernel: jax.Array) -> jax.Array:
+    """``(kh, kw, C, F)`` → ``(kw·C, kh·F)``: (kw, C) rows against (kh, F) columns,
+    so that one matmul with the row patches applies every kernel row."""
+    kh, kw, c_in, c_out = kernel.shape
+    return kernel.transpose(1, 2, 0, 3).reshape(kw * c_in, kh * c_out)
+
+
 def _conv_row_patches_fwd(
     x: jax.Array, kernel: jax.Array
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     kh, kw, c_in, c_out = kernel.shape
     n, h, w, _ = x.shape
     patches = _row_patches(x, kh, kw)
-    # (kw, C) rows against (kh, F) columns: every kernel row in one matmul.
-    by_kernel_row = kernel.transpose(1, 2, 0, 3).reshape(kw * c_in, kh * c_out)
-    products = patch_matmul(patches, by_kernel_row.astype(patches.dtype))
+    products = patch_matmul(patches, _by_kernel_row(kernel).astype(patches.dtype))
     products = products.reshape(n, h, w, kh, c_out)
     # Kernel row i meets output row r at input row r + i - kh // 2.
     out = sum(_shift(products[:, :, :, i], 1, kh // 2 - i) for i in range(kh))
@@ -313,12 +317,11 @@ def _conv_row_patches_bwd(
     # tap moved back to its column and summed (the transpose of building the
     # patches). It reuses `shifted`, where another convolution of g would build
     # a second set of patches.
-    by_kernel_row = kernel.transpose(1, 2, 0, 3).reshape(kw * c_in, kh * c_out)
-    d_patches = _matmul(shifted, by_kernel_row.astype(dtype), "mf,kf->mk")
+    d_patches = _matmul(shifted, _by_kernel_row(kernel).astype(dtype), "mf,kf->mk")
     d_patches = d_patches.reshape(n, h, w, kw, c_in)
     d_x = sum(_shift(d_patches[:, :, :, j], 2, j - kw // 2) for j in range(kw))
     if _channel_major_kernel_grad(dtype):
-        taps = _row_taps(x_or_patches, kh, kw)
+        taps = _row_taps(x_or_patches, kw)
         by_channel = jnp.stack([t.transpose(3, 0, 1, 2) for t in taps])
         d_by_kernel_row = _matmul(
             by_channel.reshape(kw * c_in, -1), shifted, "km,mf->kf"
