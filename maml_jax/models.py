@@ -392,11 +392,13 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
 
     The same values as ``reduce_window``, and the same gradient as XLA's
     ``select_and_scatter`` and PyTorch's ``MaxPool2d``: each window's cotangent
-    goes to its first maximal member in row-major order. Written as the max of the
-    four window members with a one-pass custom backward (a select on the index of
-    that member, itself differentiable for second-order meta-gradients), because
+    goes to its first maximal member in row-major order, and NaN propagates.
+    Written as a running selection over the four window members with a one-pass
+    custom backward (a select on the index of that member), because
     ``reduce_window``'s gradient is much slower on XLA:CPU and ``jnp.maximum``'s
-    splits ties evenly.
+    splits ties evenly. Second-order meta-gradients differentiate both passes:
+    selects, whose derivatives are selects of the tangents that route ties the
+    same way.
 
     The index is computed with the maximum, from the same values, and kept for
     the backward: routing by comparing ``x`` with the pooled output there instead
@@ -414,16 +416,19 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
 
 
 def _max_pool_fwd(x: jax.Array) -> tuple[jax.Array, tuple[jax.Array, tuple]]:
-    a, b, c, d = members = _pool_windows(x)
-    running = a
-    first_max = jnp.zeros(a.shape, jnp.int8)
-    for k, member in enumerate(members[1:], start=1):
-        # Strictly greater: on ties the earlier member keeps the gradient.
-        greater = member > running
-        first_max = jnp.where(greater, jnp.int8(k), first_max)
-        running = jnp.where(greater, member, running)
-    # jnp.maximum, not `running`: a NaN anywhere in the window propagates.
-    pooled = jnp.maximum(jnp.maximum(a, b), jnp.maximum(c, d))
+    first, *rest = _pool_windows(x)
+    pooled = first
+    first_max = jnp.zeros(first.shape, jnp.int8)
+    for k, member in enumerate(rest, start=1):
+        # Strictly greater: on ties the earlier member keeps the gradient. A NaN
+        # member takes over (and is never replaced), so NaN propagates as in
+        # jnp.maximum; a NaN first member is never replaced either.
+        takes_over = (member > pooled) | jnp.isnan(member)
+        first_max = jnp.where(takes_over, jnp.int8(k), first_max)
+        pooled = jnp.where(takes_over, member, pooled)
+    # Selected, not jnp.maximum-ed: jnp.maximum's derivative (which second-order
+    # meta-gradients take of this forward) splits ties with compares and divides,
+    # one fusion of 50 ms per Omniglot meta-step.
     return pooled, (first_max, x.shape)
 
 
@@ -554,7 +559,10 @@ def _patch_batch_norm_fwd(patches, kernel, scale, offset, eps):
     ones = jnp.ones((*centred.shape[:-1], 1), centred.dtype)
     augmented = jnp.concatenate([centred, ones], axis=-1)
     weights = jnp.concatenate([normalized_kernel * scale[None], offset[None]], axis=0)
-    out = jnp.einsum("...t,tf->...f", augmented, weights.astype(augmented.dtype))
+    # patch_matmul for its kernel gradient, which second-order meta-gradients take
+    # of this forward: autodiff's transposes the (M, 64) output gradient (measured
+    # 27 ms per Omniglot meta-step) where the (M, T + 1) patches are narrower.
+    out = patch_matmul(augmented, weights.astype(augmented.dtype))
     # Zero-size arrays carry the inputs' dtypes to the backward: the cotangents
     # must match them (float32 parameters against float64 images under x64).
     likes = tuple(jnp.zeros((0,), a.dtype) for a in (patches, kernel, scale, offset))

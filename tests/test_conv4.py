@@ -118,6 +118,40 @@ def test_max_pool_second_order_gradients_and_vmap():
     np.testing.assert_allclose(batched(xs), np.stack(looped), rtol=1e-12)
 
 
+def test_max_pool_propagates_nan_from_any_window_member():
+    x = jax.random.normal(jax.random.key(7), (1, 4, 4, 4))
+    # Window (0, 0) gets a NaN at member c of channel c; window (1, 1) stays finite.
+    for c, (i, j) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
+        x = x.at[0, i, j, c].set(jnp.nan)
+    pooled = models.max_pool_2x2(x)
+    assert bool(jnp.all(jnp.isnan(pooled[0, 0, 0])))
+    np.testing.assert_array_equal(pooled[0, 1, 1], _reduce_window_max_pool(x)[0, 1, 1])
+
+
+def test_max_pool_second_order_follows_the_first_maximum_on_ties():
+    # Second-order meta-gradients differentiate the forward: on tied windows its
+    # derivative must route like the backward (to the first maximal member), where
+    # jnp.maximum's would split ties. Reference: gather that member, with its
+    # index taken from stop_gradient(x), and plain autodiff.
+    x = _tied_images()
+    n, h, w, c = x.shape
+    windows = x[:, : h // 2 * 2, : w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2, c)
+    members = windows.transpose(0, 1, 3, 5, 2, 4).reshape(n, h // 2, w // 2, c, 4)
+    first = jnp.argmax(members, axis=-1)  # argmax picks the first of equal maxima
+
+    def reference_pool(x):
+        windows = x[:, : h // 2 * 2, : w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2, c)
+        members = windows.transpose(0, 1, 3, 5, 2, 4).reshape(*first.shape, 4)
+        return jnp.take_along_axis(members, first[..., None], axis=-1)[..., 0]
+
+    weights = jax.random.normal(jax.random.key(8), first.shape, jnp.float64)
+    grad_of = lambda pool: jax.grad(lambda x: jnp.sum(weights * jnp.sin(pool(x))))
+    v = jax.random.normal(jax.random.key(9), x.shape, jnp.float64)
+    hvp = lambda pool: jax.grad(lambda x: jnp.vdot(grad_of(pool)(x), v))(x)
+    np.testing.assert_allclose(hvp(models.max_pool_2x2), hvp(reference_pool), rtol=1e-12)
+    np.testing.assert_array_equal(models.max_pool_2x2(x), reference_pool(x))
+
+
 def _task(key, ways=3, image=(16, 16, 1)):
     kx, kq = jax.random.split(key)
     xs = jax.random.normal(kx, (ways, *image), jnp.float64)
