@@ -148,7 +148,9 @@ def test_max_pool_second_order_follows_the_first_maximum_on_ties():
     grad_of = lambda pool: jax.grad(lambda x: jnp.sum(weights * jnp.sin(pool(x))))
     v = jax.random.normal(jax.random.key(9), x.shape, jnp.float64)
     hvp = lambda pool: jax.grad(lambda x: jnp.vdot(grad_of(pool)(x), v))(x)
-    np.testing.assert_allclose(hvp(models.max_pool_2x2), hvp(reference_pool), rtol=1e-12)
+    np.testing.assert_allclose(
+        hvp(models.max_pool_2x2), hvp(reference_pool), rtol=1e-12
+    )
     np.testing.assert_array_equal(models.max_pool_2x2(x), reference_pool(x))
 
 
