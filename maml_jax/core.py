@@ -276,10 +276,19 @@ def meta_value_and_grad(
     num_tasks = _validation.check_task_batch(tasks, "meta_value_and_grad")
     if batching not in TASK_BATCHING:
         raise ValueError(f"batching must be one of {TASK_BATCHING}; got {batching!r}.")
+    # Per-task gradients summed explicitly (see _sum_over_tasks), not the
+    # gradient of a vmapped sum, whose transpose XLA:CPU runs as a slow reduction.
+    task_value_and_grad = jax.vmap(
+        jax.value_and_grad(learner.meta_loss, has_aux=True), in_axes=(None, 0)
+    )
+
+    def chunk_grad(mp, task_chunk):
+        (losses, aux), grads = task_value_and_grad(mp, task_chunk)
+        return (_sum_over_tasks(losses), aux), jax.tree.map(_sum_over_tasks, grads)
+
     if batching == "vmap":
-        return jax.value_and_grad(batch_meta_loss, argnums=1, has_aux=True)(
-            learner, meta_params, tasks
-        )
+        (loss, aux), grads = chunk_grad(meta_params, tasks)
+        return (loss / num_tasks, aux), jax.tree.map(lambda g: g / num_tasks, grads)
 
     chunk = (
         1
@@ -292,12 +301,6 @@ def meta_value_and_grad(
         )
     num_chunks = num_tasks // chunk
     chunks = jax.tree.map(lambda x: x.reshape(num_chunks, chunk, *x.shape[1:]), tasks)
-
-    def chunk_sum(mp, task_chunk):
-        losses, aux = jax.vmap(learner.meta_loss, in_axes=(None, 0))(mp, task_chunk)
-        return jnp.sum(losses), aux
-
-    chunk_grad = jax.value_and_grad(chunk_sum, has_aux=True)
 
     if batching == "scan":
 
@@ -322,6 +325,23 @@ def meta_value_and_grad(
     aux = jax.tree.map(lambda x: x.reshape(num_tasks, *x.shape[2:]), aux)
     grads = jax.tree.map(lambda g: g / num_tasks, grad_sum)
     return (jnp.sum(losses) / num_tasks, aux), grads
+
+
+def _sum_over_tasks(x: jax.Array) -> jax.Array:
+    """``x.sum(0)`` for ``(T, ...)`` ``x``, as a product with a vector of ones.
+
+    XLA:CPU runs a sum over a leading axis at about 1 GB/s: 5.7 ms for a
+    ``(32, 192, 192)`` array of per-task kernel gradients, 0.56 ms for
+    ``(2, 192, 192)``, against 0.22 and 0.07 ms as a matrix-vector product (in
+    the Omniglot meta-step, 3% of the step). ``HIGHEST`` precision keeps it an
+    exact-precision sum on accelerators.
+    """
+    if not jnp.issubdtype(x.dtype, jnp.inexact) or x.ndim == 0:
+        return x.sum(0)
+    ones = jnp.ones((x.shape[0],), x.dtype)
+    rows = x.reshape(x.shape[0], -1)
+    total = jnp.dot(ones, rows, precision=jax.lax.Precision.HIGHEST)
+    return total.reshape(x.shape[1:])
 
 
 def _tree_add(a: Any, b: Any) -> Any:
