@@ -93,6 +93,7 @@ def test_throughput_smoke(tmp_path):
     rows = throughput.main(["--smoke", "--jsonl", str(tmp_path / "t.jsonl")])
     assert [r["inner_steps"] for r in rows] == [1, 2]
     assert all(r["tasks_per_s"] > 0 and r["compile_s"] > 0 for r in rows)
+    assert all(0 < r["sampler_fraction"] < 1 for r in rows)
     assert len((tmp_path / "t.jsonl").read_text().splitlines()) == 2
 
 
