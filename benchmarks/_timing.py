@@ -46,3 +46,15 @@ def time_sampled_step(
         jax.block_until_ready(metrics)
         times.append((time.perf_counter() - t0) / steps_per_call)
     return StepTiming(compile_s, np.asarray(times), temp_mb)
+
+
+def median_call_seconds(call, repeats: int) -> float:
+    """Median wall seconds of ``call(key)`` over ``repeats`` fresh PRNG keys, after
+    one warm-up call (which compiles a jitted ``call``); blocks on each result."""
+    jax.block_until_ready(call(jax.random.key(0)))
+    times = []
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(call(jax.random.key(i + 1)))
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))

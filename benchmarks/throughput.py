@@ -42,7 +42,7 @@ import numpy as np
 import optax
 
 import maml_jax
-from benchmarks._timing import time_sampled_step
+from benchmarks._timing import median_call_seconds, time_sampled_step
 from maml_jax import episodes, models
 from maml_jax.experiments import few_shot
 
@@ -198,14 +198,7 @@ def matmul_ceiling(size: int = 2048, repeats: int = 10) -> float:
 
 def sampler_ms(sampler, repeats: int) -> float:
     """Median milliseconds of the jitted task sampler alone (one meta-batch)."""
-    sample = jax.jit(sampler)
-    jax.block_until_ready(sample(jax.random.key(0)))
-    times = []
-    for i in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(sample(jax.random.key(i + 1)))
-        times.append(time.perf_counter() - t0)
-    return 1e3 * float(np.median(times))
+    return 1e3 * median_call_seconds(jax.jit(sampler), repeats)
 
 
 def feeding_fraction(state, sampler, repeats: int, steps_per_call: int) -> float:
@@ -222,13 +215,8 @@ def feeding_fraction(state, sampler, repeats: int, steps_per_call: int) -> float
             lambda s, k: maml_jax.train.scan_train_steps(s, k, sample, steps_per_call)
         )
         compiled = step.lower(state, jax.random.key(0)).compile()
-        jax.block_until_ready(compiled(state, jax.random.key(0)))
-        times = []
-        for i in range(repeats):
-            t0 = time.perf_counter()
-            jax.block_until_ready(compiled(state, jax.random.key(i + 1)))
-            times.append(time.perf_counter() - t0)
-        return float(np.median(times)) / steps_per_call
+        seconds = median_call_seconds(lambda k: compiled(state, k), repeats)
+        return seconds / steps_per_call
 
     sampled, fixed = per_step(sampler), per_step(lambda key: fixed_tasks)
     return 1.0 - fixed / sampled

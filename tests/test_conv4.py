@@ -135,13 +135,15 @@ def test_max_pool_second_order_follows_the_first_maximum_on_ties():
     # index taken from stop_gradient(x), and plain autodiff.
     x = _tied_images()
     n, h, w, c = x.shape
-    windows = x[:, : h // 2 * 2, : w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2, c)
-    members = windows.transpose(0, 1, 3, 5, 2, 4).reshape(n, h // 2, w // 2, c, 4)
-    first = jnp.argmax(members, axis=-1)  # argmax picks the first of equal maxima
+
+    def window_members(x):  # (N, H/2, W/2, C, 4) in row-major window order
+        windows = x[:, : h // 2 * 2, : w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2, c)
+        return windows.transpose(0, 1, 3, 5, 2, 4).reshape(n, h // 2, w // 2, c, 4)
+
+    first = jnp.argmax(window_members(x), axis=-1)  # the first of equal maxima
 
     def reference_pool(x):
-        windows = x[:, : h // 2 * 2, : w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2, c)
-        members = windows.transpose(0, 1, 3, 5, 2, 4).reshape(*first.shape, 4)
+        members = window_members(x)
         return jnp.take_along_axis(members, first[..., None], axis=-1)[..., 0]
 
     weights = jax.random.normal(jax.random.key(8), first.shape, jnp.float64)
