@@ -242,7 +242,7 @@ def conv_row_patches(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return _conv_row_patches_fwd(x, kernel)[0]
 
 
-def _row_patches(x: jax.Array, kh: int, kw: int) -> jax.Array:
+def _row_patches(x: jax.Array, kw: int) -> jax.Array:
     """``(N, H, W, kw·C)``: the ``kw`` horizontal taps of ``x``."""
     n, h, w, c = x.shape
     # Each tap is its own pad of x, stacked on a new axis: XLA:CPU fuses that
@@ -278,7 +278,7 @@ def _conv_row_patches_fwd(
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     kh, kw, c_in, c_out = kernel.shape
     n, h, w, _ = x.shape
-    patches = _row_patches(x, kh, kw)
+    patches = _row_patches(x, kw)
     products = patch_matmul(patches, _by_kernel_row(kernel).astype(patches.dtype))
     products = products.reshape(n, h, w, kh, c_out)
     # Kernel row i meets output row r at input row r + i - kh // 2.
@@ -421,8 +421,8 @@ def _max_pool_fwd(x: jax.Array) -> tuple[jax.Array, tuple[jax.Array, tuple]]:
     first_max = jnp.zeros(first.shape, jnp.int8)
     for k, member in enumerate(rest, start=1):
         # Strictly greater: on ties the earlier member keeps the gradient. A NaN
-        # member takes over (and is never replaced), so NaN propagates as in
-        # jnp.maximum; a NaN first member is never replaced either.
+        # member takes over and no number replaces it (nothing compares greater
+        # than NaN), so NaN propagates as in jnp.maximum.
         takes_over = (member > pooled) | jnp.isnan(member)
         first_max = jnp.where(takes_over, jnp.int8(k), first_max)
         pooled = jnp.where(takes_over, member, pooled)
