@@ -1,25 +1,36 @@
 """maml_jax: gradient-based meta-learning as pure JAX functions."""
 
-from maml_jax.algorithms import anil, fomaml, maml
-from maml_jax.checkpoint import Checkpointer, CorruptCheckpointError, RestoredCheckpoint
 from maml_jax.core import (
+    InnerTrace,
+    TaskBatching,
     adaptation_curve,
-    adapted_query_loss,
-    as_task_batch,
-    batch_meta_loss,
-    evaluate_loss,
+    auto_batching,
     inner_loop,
     meta_value_and_grad,
-    sgd_update,
-    task_metrics,
+    predict,
 )
 from maml_jax.episodes import EpisodeSpec, sample_episode, sample_episodes
-from maml_jax.implicit import imaml
-from maml_jax.meta_sgd import maml_plus_plus, meta_sgd, msl_weights
+from maml_jax.learners import (
+    GRADIENT_LEARNERS,
+    LEARNERS,
+    MAMLPlusPlusParams,
+    MetaSGDParams,
+    anil,
+    class_prototypes,
+    fomaml,
+    imaml,
+    make_learner,
+    maml,
+    maml_plus_plus,
+    meta_sgd,
+    msl_weights,
+    protonet,
+    prototype_logits,
+    reptile,
+    reptile_meta_optimizer,
+)
 from maml_jax.metrics import mean_ci95
 from maml_jax.models import MLP, Conv4, classification_loss, regression_loss
-from maml_jax.protonets import class_prototypes, protonet, prototype_logits
-from maml_jax.reptile import reptile, reptile_meta_optimizer
 from maml_jax.tasks import (
     SinusoidParams,
     sample_sinusoid_params,
@@ -37,59 +48,112 @@ from maml_jax.train import (
     summarize_curves,
     train_step,
 )
-from maml_jax.types import Batch, MetaLearner, MetaParams, Params, Task
+from maml_jax.types import (
+    AdaptFn,
+    ApplyFn,
+    Aux,
+    Batch,
+    CurveFn,
+    InitFn,
+    LossFn,
+    MetaLearner,
+    MetaLossFn,
+    MetaParams,
+    Params,
+    PredictFn,
+    Task,
+)
+from maml_jax.update_rules import per_step_sgd, sgd_with_rates
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+# Checkpoints need orbax; they are imported on first use so that
+# ``import maml_jax`` stays light for users of the core alone.
+_LAZY = {
+    "Checkpointer": "maml_jax.checkpoint",
+    "CorruptCheckpointError": "maml_jax.checkpoint",
+    "RestoredCheckpoint": "maml_jax.checkpoint",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'maml_jax' has no attribute {name!r}")
+
 
 __all__ = [
-    "adapted_query_loss",
-    "imaml",
-    "StopTraining",
-    "class_prototypes",
-    "protonet",
-    "prototype_logits",
+    # Types
+    "AdaptFn",
+    "ApplyFn",
+    "Aux",
+    "Batch",
+    "CurveFn",
+    "InitFn",
+    "LossFn",
+    "MetaLearner",
+    "MetaLossFn",
+    "MetaParams",
+    "Params",
+    "PredictFn",
+    "Task",
+    "TaskBatching",
+    # Core: the inner loop and meta-gradients
+    "InnerTrace",
+    "adaptation_curve",
+    "auto_batching",
+    "inner_loop",
+    "meta_value_and_grad",
+    "predict",
+    # Inner update rules (optax)
+    "per_step_sgd",
+    "sgd_with_rates",
+    # Learners
+    "GRADIENT_LEARNERS",
+    "LEARNERS",
+    "MAMLPlusPlusParams",
+    "MetaSGDParams",
     "anil",
+    "class_prototypes",
+    "fomaml",
+    "imaml",
+    "make_learner",
+    "maml",
     "maml_plus_plus",
     "meta_sgd",
     "msl_weights",
+    "protonet",
+    "prototype_logits",
     "reptile",
     "reptile_meta_optimizer",
-    "Checkpointer",
+    # Models
+    "MLP",
     "Conv4",
-    "CorruptCheckpointError",
+    "classification_loss",
+    "regression_loss",
+    # Tasks and episodes
     "EpisodeSpec",
-    "RestoredCheckpoint",
+    "SinusoidParams",
     "sample_episode",
     "sample_episodes",
-    "MLP",
-    "Batch",
-    "MetaLearner",
-    "MetaParams",
-    "MetaTrainState",
-    "Params",
-    "SinusoidParams",
-    "Task",
-    "adaptation_curve",
-    "as_task_batch",
-    "batch_meta_loss",
-    "classification_loss",
-    "evaluate",
-    "evaluate_loss",
-    "fit",
-    "fomaml",
-    "inner_loop",
-    "maml",
-    "mean_ci95",
-    "meta_train_step",
-    "meta_value_and_grad",
-    "regression_loss",
     "sample_sinusoid_params",
     "sample_sinusoid_tasks",
-    "scan_train_steps",
-    "sgd_update",
     "sinusoid",
     "sinusoid_tasks",
+    # Training and evaluation
+    "MetaTrainState",
+    "StopTraining",
+    "evaluate",
+    "fit",
+    "mean_ci95",
+    "meta_train_step",
+    "scan_train_steps",
     "summarize_curves",
-    "task_metrics",
     "train_step",
+    # Checkpoints (orbax, imported on first use)
+    "Checkpointer",
+    "CorruptCheckpointError",
+    "RestoredCheckpoint",
 ]

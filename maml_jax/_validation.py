@@ -44,7 +44,7 @@ def check_lr_matches_params(name: str, lr: Any, params: Any) -> None:
 
     Each leaf must be a scalar or have the shape of the matching parameter.
     """
-    if _is_scalar(lr):
+    if lr is None or is_scalar(lr):
         return
     lr_def, params_def = jax.tree.structure(lr), jax.tree.structure(params)
     if lr_def != params_def:
@@ -138,7 +138,8 @@ def check_task_batch(tasks: Any, where: str) -> int:
     return next(iter(sizes.values()))
 
 
-def _is_scalar(x: Any) -> bool:
+def is_scalar(x: Any) -> bool:
+    """Whether ``x`` is a Python number or a 0-d array (not a pytree of rates)."""
     return isinstance(x, numbers.Real) or (hasattr(x, "shape") and x.shape == ())
 
 

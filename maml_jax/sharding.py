@@ -153,7 +153,7 @@ def _check_divisible(num_tasks: int, mesh: Mesh) -> int:
 
 
 def _check_batching(state: MetaTrainState, mesh: Mesh) -> None:
-    if state.batching != "vmap" and _num_shards(mesh) > 1:
+    if state.batching not in ("vmap", "auto") and _num_shards(mesh) > 1:
         raise ValueError(
             f"sharded meta-steps need MetaTrainState(batching='vmap'); got "
             f"batching={state.batching!r}, which loops over the task axis, so "

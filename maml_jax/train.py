@@ -54,7 +54,7 @@ class MetaTrainState(struct.PyTreeNode):
     skipped_steps: jax.Array
     learner: MetaLearner = struct.field(pytree_node=False)
     tx: optax.GradientTransformation = struct.field(pytree_node=False)
-    batching: str = struct.field(pytree_node=False, default="vmap")
+    batching: str = struct.field(pytree_node=False, default="auto")
     chunk_size: int | None = struct.field(pytree_node=False, default=None)
 
     @classmethod
@@ -64,7 +64,7 @@ class MetaTrainState(struct.PyTreeNode):
         params: Params,
         learner: MetaLearner,
         tx: optax.GradientTransformation,
-        batching: core.TaskBatching = "vmap",
+        batching: core.TaskBatching = "auto",
         chunk_size: int | None = None,
     ) -> MetaTrainState:
         """Builds the state: ``meta_params = learner.init(params)``, step 0.
@@ -130,15 +130,13 @@ def train_step(
       with ``nonfinite="skip"`` also ``skipped`` (a bool, this step's verdict).
     """
     _check_nonfinite(nonfinite)
-    learner = state.learner
-    if learner.at_step is not None:
-        learner = learner.at_step(state.step)
     (loss, aux), grads = core.meta_value_and_grad(
-        learner,
+        state.learner,
         state.meta_params,
         tasks,
         batching=state.batching,
         chunk_size=state.chunk_size,
+        outer_step=state.step,
     )
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
     if not pre_adaptation_query:

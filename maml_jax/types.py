@@ -1,8 +1,7 @@
-"""Types shared across maml_jax: pytree aliases, `Task` and `MetaLearner`."""
+"""Types shared across maml_jax: pytree aliases, ``Task`` and ``MetaLearner``."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
 import jax
@@ -11,7 +10,7 @@ Params = Any
 """A pytree of arrays: the parameters a ``loss_fn`` is evaluated at."""
 
 MetaParams = Any
-"""A pytree of meta-parameters (MAML: the initialisation; Meta-SGD: params and lrs)."""
+"""A pytree of meta-parameters (MAML: the initialisation; Meta-SGD: and rates)."""
 
 Batch = Any
 """Any pytree of arrays a ``loss_fn`` understands, e.g. ``(inputs, targets)``."""
@@ -38,22 +37,60 @@ class LossFn(Protocol):
     def __call__(self, params: Params, batch: Batch) -> Any: ...
 
 
+class ApplyFn(Protocol):
+    """``apply_fn(params, inputs) -> outputs``: the model's forward pass."""
+
+    def __call__(self, params: Params, inputs: Any) -> Any: ...
+
+
 class InitFn(Protocol):
+    """``init(params) -> meta_params``."""
+
     def __call__(self, params: Params) -> MetaParams: ...
 
 
 class AdaptFn(Protocol):
-    def __call__(self, meta_params: MetaParams, support: Batch) -> Params: ...
+    """``adapt(meta_params, support, *, num_steps=None) -> params``.
+
+    Returns the adapted model parameters (the structure given to ``init``) of one
+    task; ``num_steps=None`` runs the learner's trained number of inner steps.
+    """
+
+    def __call__(
+        self, meta_params: MetaParams, support: Batch, *, num_steps: int | None = None
+    ) -> Params: ...
 
 
 class MetaLossFn(Protocol):
+    """``meta_loss(meta_params, task, *, outer_step=None) -> (loss, aux)``.
+
+    ``outer_step`` is the training progress (the number of meta-updates taken, a
+    traced int), for learners whose meta-loss changes during training (MAML++'s
+    annealed multi-step loss); the others ignore it.
+    """
+
     def __call__(
-        self, meta_params: MetaParams, task: Task
+        self, meta_params: MetaParams, task: Task, *, outer_step: Any = None
     ) -> tuple[jax.Array, Aux]: ...
 
 
 class CurveFn(Protocol):
+    """``adaptation_curve(meta_params, task, num_steps) -> aux`` (leaves ``(K+1,)``)."""
+
     def __call__(self, meta_params: MetaParams, task: Task, num_steps: int) -> Aux: ...
+
+
+class PredictFn(Protocol):
+    """``predict(meta_params, support, inputs, *, num_steps=None) -> outputs``."""
+
+    def __call__(
+        self,
+        meta_params: MetaParams,
+        support: Batch,
+        inputs: Any,
+        *,
+        num_steps: int | None = None,
+    ) -> Any: ...
 
 
 class MetaLearner(NamedTuple):
@@ -61,20 +98,22 @@ class MetaLearner(NamedTuple):
 
     Attributes:
       init: ``params -> meta_params``.
-      adapt: ``(meta_params, support) -> task_params`` for one task.
-      meta_loss: ``(meta_params, task) -> (loss, aux)`` for one task; its gradient
-        with respect to ``meta_params`` is the algorithm's meta-gradient.
+      adapt: ``(meta_params, support, *, num_steps=None) -> params``: the adapted
+        model parameters of one task, with the structure given to ``init``.
+      meta_loss: ``(meta_params, task, *, outer_step=None) -> (loss, aux)`` for
+        one task; its gradient with respect to ``meta_params`` is the
+        algorithm's meta-gradient.
       adaptation_curve: ``(meta_params, task, num_steps) -> aux`` whose leaves
         have shape ``(num_steps + 1,)``: query (and support) metrics after
         ``0..num_steps`` inner steps, for evaluation. ``num_steps`` is static.
-      at_step: optional ``outer_step -> MetaLearner``: the learner to use at a
-        given (traced) outer step, for algorithms whose meta-loss is annealed
-        during training (MAML++'s multi-step loss). ``None`` when the learner
-        does not change; the train step calls it when present.
+      predict: ``None`` for learners whose adapted parameters are a model's
+        parameters (predict with ``maml_jax.predict`` and the model's
+        ``apply_fn``); otherwise the learner's own classifier (ProtoNets:
+        negative distances to the support's class prototypes).
     """
 
     init: InitFn
     adapt: AdaptFn
     meta_loss: MetaLossFn
     adaptation_curve: CurveFn
-    at_step: Callable[[jax.Array], MetaLearner] | None = None
+    predict: PredictFn | None = None

@@ -36,6 +36,12 @@ def linear_tasks(key, num_tasks=4, num_support=6, num_query=8, dim=3):
     return Task(support=(xs, ys), query=(xq, yq))
 
 
+def batch_meta_loss(learner, meta_params, tasks):
+    """Mean meta-loss over a batch of tasks and the per-task aux (``vmap``)."""
+    losses, aux = jax.vmap(learner.meta_loss, in_axes=(None, 0))(meta_params, tasks)
+    return jnp.mean(losses), aux
+
+
 def task_at(tasks, i):
     return jax.tree.map(lambda x: x[i], tasks)
 

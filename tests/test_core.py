@@ -6,6 +6,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from absl.testing import parameterized
 from jax.test_util import check_grads
@@ -411,10 +412,15 @@ def test_unknown_batching_and_bad_chunk_size_are_reported():
         )
 
 
-def test_core_works_with_plain_sgd_update_and_inner_loop():
+def test_core_inner_loop_with_plain_sgd():
     task = helpers.task_at(_tasks(), 0)
-    phi, losses = core.inner_loop(
-        helpers.linear_loss, _w0(), task.support, inner_lr=ALPHA, num_steps=3
+    phi, trace = core.inner_loop(
+        helpers.linear_loss,
+        _w0(),
+        task.support,
+        optimizer=optax.sgd(ALPHA),
+        num_steps=3,
     )
+    losses = trace.support_loss
     assert losses.shape == (3,)
     assert bool(jnp.all(jnp.diff(losses) < 0))

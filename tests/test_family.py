@@ -31,7 +31,7 @@ def test_reptile_gradient_is_theta_minus_hand_run_phi(inner):
     task, params = _mlp_task(), _params()
     make = optax.sgd if inner == "sgd" else (lambda lr: optax.adam(lr, b1=0.0))
     learner = maml_jax.reptile(
-        helpers.mlp_loss, inner_lr=0.05, num_inner_steps=4, inner_optimizer=make
+        helpers.mlp_loss, inner_optimizer=make(0.05), num_inner_steps=4
     )
     grads = jax.grad(lambda p: learner.meta_loss(p, task)[0])(params)
 
@@ -123,25 +123,27 @@ def test_meta_sgd_learning_rate_gradient_matches_finite_differences():
     task, params = _mlp_task(2), _params(2)
     learner = maml_jax.meta_sgd(helpers.mlp_loss, inner_lr=0.1, num_inner_steps=2)
     meta_params = learner.init(params)
-    meta_params["inner_lr"] = jax.tree.map(
-        lambda lr: (
-            lr * jax.random.uniform(jax.random.key(3), lr.shape, lr.dtype, 0.5, 1.5)
-        ),
-        meta_params["inner_lr"],
+    meta_params = meta_params._replace(
+        inner_lr=jax.tree.map(
+            lambda lr: (
+                lr * jax.random.uniform(jax.random.key(3), lr.shape, lr.dtype, 0.5, 1.5)
+            ),
+            meta_params.inner_lr,
+        )
     )
     loss_of_lrs = lambda lrs: learner.meta_loss(
-        {"params": params, "inner_lr": lrs}, task
+        maml_jax.MetaSGDParams(params, lrs), task
     )[0]
     check_grads(
         loss_of_lrs,
-        (meta_params["inner_lr"],),
+        (meta_params.inner_lr,),
         order=1,
         modes=("rev",),
         atol=1e-6,
         rtol=1e-6,
     )
     grads = jax.grad(lambda mp: learner.meta_loss(mp, task)[0])(meta_params)
-    assert set(grads) == {"params", "inner_lr"}
+    assert isinstance(grads, maml_jax.MetaSGDParams)
 
 
 def test_meta_sgd_with_initial_rates_is_maml_for_the_params():
@@ -150,7 +152,7 @@ def test_meta_sgd_with_initial_rates_is_maml_for_the_params():
     maml = maml_jax.maml(helpers.mlp_loss, inner_lr=0.1, num_inner_steps=2)
     grads = jax.grad(lambda mp: learner.meta_loss(mp, task)[0])(learner.init(params))
     chex.assert_trees_all_close(
-        grads["params"],
+        grads.params,
         jax.grad(lambda p: maml.meta_loss(p, task)[0])(params),
         rtol=1e-12,
     )
@@ -180,8 +182,8 @@ def test_lslr_with_equal_rates_and_final_step_msl_reproduce_maml():
             lambda mp, f=learner.meta_loss: f(mp, task)[0]
         )(meta_params)
         if kwargs["learn_inner_lr"]:
-            grads = grads["params"]
-            assert meta_params["inner_lr"][0]["w"].shape == (3,)
+            grads = grads.params
+            assert meta_params.inner_lr[0]["w"].shape == (3,)
         np.testing.assert_allclose(loss, maml_loss, rtol=1e-12)
         chex.assert_trees_all_close(grads, maml_grads, rtol=1e-10, atol=1e-13)
 

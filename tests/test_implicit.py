@@ -1,4 +1,4 @@
-"""Exactness, memory and transformation tests for iMAML (``maml_jax.implicit``)."""
+"""Exactness, memory and transformation tests for iMAML (``maml_jax.imaml``)."""
 
 import chex
 import jax
@@ -12,7 +12,7 @@ from jax.test_util import check_grads
 
 import maml_jax
 from maml_jax import Task
-from maml_jax.implicit import _conjugate_gradient, imaml
+from maml_jax.learners.imaml import _conjugate_gradient, imaml
 from tests import helpers
 
 LAM = 1.0
@@ -370,7 +370,7 @@ def test_meta_loss_decreases_on_sinusoids():
         (params, _), losses = jax.lax.scan(step, (params, tx.init(params)), keys)
         return params, losses
 
-    evaluate = jax.jit(lambda p: maml_jax.batch_meta_loss(learner, p, held_out)[0])
+    evaluate = jax.jit(lambda p: helpers.batch_meta_loss(learner, p, held_out)[0])
     before = evaluate(params)
     trained, losses = train(params, jax.random.key(1))
     after = evaluate(trained)

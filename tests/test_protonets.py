@@ -12,8 +12,7 @@ import pytest
 from jax.test_util import check_grads
 
 import maml_jax
-from maml_jax import Task
-from maml_jax.protonets import class_prototypes, protonet, prototype_logits
+from maml_jax import Task, class_prototypes, protonet, prototype_logits
 from tests import helpers
 
 WAYS, SHOTS, QUERIES, DIM, EMBED = 4, 3, 5, 6, 5
@@ -105,11 +104,17 @@ def test_prototypes_equal_class_means_with_shuffled_support():
     perm = jax.random.permutation(jax.random.key(2), x.shape[0])
     x, y = x[perm], y[perm]
     w = _w()
-    _, protos = protonet(linear_embed, ways=WAYS).adapt(w, (x, y))
+    learner = protonet(linear_embed, ways=WAYS)
+    assert learner.adapt(w, (x, y)) is w
+    protos = class_prototypes(x @ w, y, WAYS)
 
     expected, _, _ = _reference(x @ w, y, x[:1] @ w, y[:1], WAYS)
     assert protos.shape == (WAYS, EMBED) and protos.dtype == jnp.float64
     np.testing.assert_allclose(protos, expected, rtol=0, atol=1e-12)
+    # predict classifies by negative squared distances to those prototypes.
+    logits = maml_jax.predict(learner, w, (x, y), x[:3])
+    distances = ((np.asarray(x[:3] @ w)[:, None] - expected[None]) ** 2).sum(-1)
+    np.testing.assert_allclose(logits, -distances, rtol=1e-12, atol=1e-12)
 
 
 def test_prototypes_with_unbalanced_shots_and_an_empty_class():

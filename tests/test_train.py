@@ -11,6 +11,7 @@ import pytest
 
 import maml_jax
 from maml_jax import train
+from tests import helpers
 
 NUM_TASKS, K = 5, 10
 
@@ -62,7 +63,7 @@ def test_meta_train_step_equals_manual_update_and_traces_once():
 def test_pre_adaptation_query_metrics_are_opt_in_and_leave_the_update_alone():
     state, learner = _setup()
     tasks = _sampler(jax.random.key(1))
-    _, aux = maml_jax.batch_meta_loss(learner, state.meta_params, tasks)
+    _, aux = helpers.batch_meta_loss(learner, state.meta_params, tasks)
     step = jax.jit(train.train_step, static_argnames=("pre_adaptation_query",))
     lean_state, lean = step(state, tasks)
     full_state, full = step(state, tasks, pre_adaptation_query=True)

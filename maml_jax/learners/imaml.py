@@ -1,10 +1,11 @@
 """iMAML: a proximal inner solve differentiated by the implicit function theorem.
 
-The map ``θ → φ*(θ)`` is a ``jax.custom_vjp``: its forward pass runs gradient
-descent on the proximal support objective (never differentiated), and its
-backward pass solves ``(I + H_S(φ*)/λ) v = g`` by conjugate gradient on
-forward-over-reverse Hessian-vector products. Memory therefore does not depend
-on the number of inner steps, and no Hessian is ever materialised.
+The map ``θ → φ*(θ)`` is a ``jax.custom_vjp``: its forward pass runs the inner
+optimizer on the proximal support objective (``core.inner_loop``, never
+differentiated), and its backward pass solves ``(I + H_S(φ*)/λ) v = g`` by
+conjugate gradient on forward-over-reverse Hessian-vector products. Memory
+therefore does not depend on the number of inner steps, and no Hessian is ever
+materialised.
 """
 
 from __future__ import annotations
@@ -16,19 +17,23 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 
-from maml_jax import _validation, core
+from maml_jax import _validation, core, update_rules
 from maml_jax.types import Aux, Batch, LossFn, MetaLearner, Params, Task
 
 
 def imaml(
     loss_fn: LossFn,
     *,
-    inner_lr: Any,
+    inner_lr: Any = None,
+    inner_optimizer: optax.GradientTransformation | None = None,
     num_inner_steps: int,
     reg_lambda: float,
     cg_steps: int = 10,
     cg_damping: float = 0.0,
+    first_order: bool = False,
+    remat: bool = False,
     has_aux: bool = False,
 ) -> MetaLearner:
     r"""Implicit MAML (iMAML): meta-gradients through the proximal inner solution.
@@ -38,8 +43,8 @@ def imaml(
 
     ``φ*(θ) = argmin_φ  L_S(φ) + (λ/2) ‖φ − θ‖²``
 
-    by ``K`` steps of gradient descent from ``φ_0 = θ``:
-    ``φ_{k+1} = φ_k − α (∇L_S(φ_k) + λ (φ_k − θ))``. The meta-loss is
+    by ``K`` steps of the inner optimizer from ``φ_0 = θ`` (with ``inner_lr=α``:
+    ``φ_{k+1} = φ_k − α (∇L_S(φ_k) + λ (φ_k − θ))``). The meta-loss is
     ``L_Q(φ*)``. Stationarity, ``∇L_S(φ*) + λ (φ* − θ) = 0``, gives by the
     implicit function theorem ``dφ*/dθ = (I + H_S(φ*)/λ)^{-1}`` (symmetric), so
 
@@ -52,7 +57,8 @@ def imaml(
     ``I + (H_S + δI)/λ``. The inner iterates are not differentiated: only
     ``φ*`` and the support batch are kept for the backward pass, so memory does
     not grow with ``K``. The formula is exact when the inner problem is solved
-    exactly; with finite ``K`` it is the iMAML approximation.
+    exactly; with finite ``K`` it is the iMAML approximation. It holds for any
+    inner optimizer that reaches the proximal problem's stationary point.
 
     The theory assumes the proximal objective is strongly convex near ``φ*``
     (``λ + δ > −λ_min(H_S)``), which makes the system positive definite. If CG
@@ -67,6 +73,7 @@ def imaml(
         scalar or parameter-shaped leaf per parameter. Gradient descent on the
         proximal objective converges for ``α < 2 / (‖H_S‖ + λ)``. It is a
         constant of the learner, not differentiated.
+      inner_optimizer: an optax transformation instead of ``inner_lr``.
       num_inner_steps: ``K >= 1``, the inner steps used in ``adapt`` and
         ``meta_loss``. The inner loop is a ``lax.scan``: compile time does not
         grow with ``K``, and neither does the memory of the meta-gradient.
@@ -80,6 +87,11 @@ def imaml(
         iterations solve an ``n``-parameter system exactly in exact arithmetic.
       cg_damping: ``δ >= 0`` added to the Hessian in the backward solve; use it
         when ``I + H_S/λ`` is not positive definite (non-convex support loss).
+      first_order: must stay ``False``: the implicit meta-gradient never
+        differentiates the inner loop, so there are no second-order inner terms
+        to drop; fewer ``cg_steps`` is iMAML's way to trade accuracy for cost.
+      remat: must stay ``False``: the backward pass keeps only ``φ*``, so memory
+        already does not grow with ``K``.
       has_aux: whether ``loss_fn`` returns ``(loss, aux_dict)``.
 
     Returns:
@@ -92,11 +104,10 @@ def imaml(
     Examples:
       >>> import jax, jax.numpy as jnp
       >>> import maml_jax
-      >>> from maml_jax.implicit import imaml
       >>> def loss_fn(w, batch):
       ...     x, y = batch
       ...     return jnp.mean((x @ w - y) ** 2)
-      >>> learner = imaml(
+      >>> learner = maml_jax.imaml(
       ...     loss_fn, inner_lr=0.1, num_inner_steps=100, reg_lambda=2.0
       ... )
       >>> x = jnp.ones((4, 1)); y = jnp.ones((4,))
@@ -115,41 +126,74 @@ def imaml(
       Rajeswaran, Finn, Kakade & Levine, "Meta-Learning with Implicit
       Gradients", NeurIPS 2019.
     """
-    inner_lr = _validation.check_learning_rate("inner_lr", inner_lr)
+    optimizer = update_rules.inner_optimizer(inner_lr, inner_optimizer)
     num_inner_steps = _validation.check_positive_int("num_inner_steps", num_inner_steps)
     reg_lambda = _check_real("reg_lambda", reg_lambda, allow_zero=False)
     cg_steps = _validation.check_positive_int("cg_steps", cg_steps)
     cg_damping = _check_real("cg_damping", cg_damping, allow_zero=True)
+    if first_order is not False:
+        raise ValueError(
+            "imaml's meta-gradient is implicit: it never differentiates the inner "
+            "loop, so first_order has no second-order terms to drop. Lower "
+            "cg_steps to trade accuracy for cost."
+        )
+    if remat is not False:
+        raise ValueError(
+            "imaml keeps only the adapted parameters for its backward pass, so its "
+            "memory does not grow with num_inner_steps and remat has nothing to "
+            "recompute."
+        )
+    solves: dict[int, Callable[[Params, Batch], Params]] = {}
 
-    solve = _implicit_proximal_solve(
-        loss_fn,
-        inner_lr=inner_lr,
-        num_steps=num_inner_steps,
-        reg_lambda=reg_lambda,
-        cg_steps=cg_steps,
-        cg_damping=cg_damping,
-        has_aux=has_aux,
-    )
+    def solve(theta: Params, support: Batch, num_steps: int) -> Params:
+        if num_steps not in solves:
+            solves[num_steps] = _implicit_proximal_solve(
+                loss_fn,
+                optimizer=optimizer,
+                num_steps=num_steps,
+                reg_lambda=reg_lambda,
+                cg_steps=cg_steps,
+                cg_damping=cg_damping,
+                has_aux=has_aux,
+            )
+        return solves[num_steps](theta, support)
 
     def init(params: Params) -> Params:
         _validation.check_lr_matches_params("inner_lr", inner_lr, params)
         return params
 
-    def adapt(meta_params: Params, support: Batch) -> Params:
+    def adapt(
+        meta_params: Params, support: Batch, *, num_steps: int | None = None
+    ) -> Params:
         _validation.check_lr_matches_params("inner_lr", inner_lr, meta_params)
-        return solve(meta_params, support)
+        if num_steps is None:
+            num_steps = num_inner_steps
+        num_steps = _validation.check_positive_int("num_steps", num_steps)
+        return solve(meta_params, support, num_steps)
 
-    def meta_loss(meta_params: Params, task: Task) -> tuple[jax.Array, Aux]:
+    def meta_loss(
+        meta_params: Params, task: Task, *, outer_step: Any = None
+    ) -> tuple[jax.Array, Aux]:
+        del outer_step
         _validation.check_task(task, "meta_loss")
         task_params = adapt(meta_params, task.support)
-        # The inner scan keeps no per-step losses (memory independent of K);
-        # task_metrics only reads the support loss before adaptation.
-        support_pre, _ = core.evaluate_loss(
+        # The inner solve keeps no per-step losses (memory independent of K).
+        support_pre, _ = core.loss_and_aux(
             loss_fn, meta_params, task.support, has_aux=has_aux
         )
-        return core.adapted_query_loss(
-            loss_fn, meta_params, task_params, task, support_pre[None], has_aux=has_aux
+        query_post = core.loss_and_aux(
+            loss_fn, task_params, task.query, has_aux=has_aux
         )
+        aux = core.task_metrics(
+            loss_fn,
+            meta_params,
+            task_params,
+            task,
+            support_pre,
+            has_aux=has_aux,
+            query_post=query_post,
+        )
+        return query_post[0], aux
 
     def adaptation_curve(meta_params: Params, task: Task, num_steps: int) -> Aux:
         _validation.check_lr_matches_params("inner_lr", inner_lr, meta_params)
@@ -157,7 +201,7 @@ def imaml(
             _proximal_loss(loss_fn, meta_params, reg_lambda, has_aux),
             meta_params,
             task,
-            inner_lr=inner_lr,
+            optimizer=optimizer,
             num_steps=num_steps,
             has_aux=has_aux,
         )
@@ -168,7 +212,7 @@ def imaml(
 def _implicit_proximal_solve(
     loss_fn: LossFn,
     *,
-    inner_lr: Any,
+    optimizer: optax.GradientTransformation,
     num_steps: int,
     reg_lambda: float,
     cg_steps: int,
@@ -179,21 +223,19 @@ def _implicit_proximal_solve(
 
     def support_grad(params: Params, support: Batch) -> Params:
         return jax.grad(
-            lambda p: core.evaluate_loss(loss_fn, p, support, has_aux=has_aux)[0]
+            lambda p: core.loss_and_aux(loss_fn, p, support, has_aux=has_aux)[0]
         )(params)
 
     def inner_solve(theta: Params, support: Batch) -> Params:
-        def step(phi, _):
-            # ∇ of the proximal objective: ∇L_S(φ) + λ (φ − θ).
-            grads = jax.tree.map(
-                lambda g, p, t: g + reg_lambda * (p - t),
-                support_grad(phi, support),
-                phi,
-                theta,
-            )
-            return core.sgd_update(phi, grads, inner_lr), None
-
-        phi, _ = jax.lax.scan(step, theta, None, length=num_steps)
+        proximal = _proximal_loss(loss_fn, theta, reg_lambda, has_aux)
+        phi, _ = core.inner_loop(
+            proximal,
+            theta,
+            support,
+            optimizer=optimizer,
+            num_steps=num_steps,
+            has_aux=has_aux,
+        )
         return phi
 
     @jax.custom_vjp
@@ -269,7 +311,7 @@ def _proximal_loss(
     """
 
     def loss(params: Params, batch: Batch) -> Any:
-        value, aux = core.evaluate_loss(loss_fn, params, batch, has_aux=has_aux)
+        value, aux = core.loss_and_aux(loss_fn, params, batch, has_aux=has_aux)
         sq = jax.tree.map(lambda p, t: jnp.sum((p - t) ** 2), params, theta)
         penalty = 0.5 * reg_lambda * sum(jax.tree.leaves(sq))
         value = value + (penalty - jax.lax.stop_gradient(penalty))

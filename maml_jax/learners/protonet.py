@@ -129,9 +129,12 @@ def protonet(
     The learner's functions:
 
     * ``init(params) -> params`` (identity: the meta-parameters are ``θ``).
-    * ``adapt(θ, support) -> (θ, prototypes)``: the task's classifier, the
-      embedding parameters and the ``(ways, dim)`` prototypes; predict with
-      ``scale * prototype_logits(embed_fn(θ, x), prototypes, distance)``.
+    * ``adapt(θ, support, *, num_steps=None) -> θ``: the embedding parameters,
+      unchanged (there is no inner step; ``num_steps`` is accepted for the
+      common contract and ignored).
+    * ``predict(θ, support, inputs, *, num_steps=None)``: the task's
+      classifier, ``scale * prototype_logits(embed_fn(θ, inputs), prototypes,
+      distance)`` with the support's prototypes; ``maml_jax.predict`` calls it.
     * ``meta_loss(θ, task) -> (L, aux)`` with ``maml``'s aux keys
       ``support_loss_pre/post``, ``query_loss_pre/post`` and
       ``query_accuracy_pre/post``. With no inner step, pre and post are the
@@ -150,22 +153,22 @@ def protonet(
         mostly useful with ``"cosine"``, whose logits lie in ``[−2, 0]``.
 
     Returns:
-      A ``MetaLearner`` with ``init``, ``adapt``, ``meta_loss`` and
-      ``adaptation_curve``.
+      A ``MetaLearner`` with ``init``, ``adapt``, ``meta_loss``,
+      ``adaptation_curve`` and ``predict``.
 
     Examples:
       >>> import jax.numpy as jnp
       >>> from maml_jax import Task
-      >>> from maml_jax.protonets import protonet
+      >>> from maml_jax import protonet
       >>> embed_fn = lambda w, x: x @ w  # a linear embedding
       >>> learner = protonet(embed_fn, ways=2)
       >>> support = (jnp.array([[0.0, 0.0], [4.0, 0.0], [0.0, 2.0], [4.0, 2.0]]),
       ...            jnp.array([0, 1, 0, 1]))
       >>> query = (jnp.array([[0.0, 1.0], [4.0, 1.0]]), jnp.array([0, 1]))
       >>> task = Task(support=support, query=query)
-      >>> _, prototypes = learner.adapt(jnp.eye(2), support)
-      >>> prototypes.tolist()
-      [[0.0, 1.0], [4.0, 1.0]]
+      >>> logits = learner.predict(jnp.eye(2), support, query[0])
+      >>> jnp.argmax(logits, axis=-1).tolist()
+      [0, 1]
       >>> loss, aux = learner.meta_loss(jnp.eye(2), task)
       >>> float(aux["query_accuracy_post"]), bool(loss < 1e-6)  # log(1 + e^-16)
       (1.0, True)
@@ -215,12 +218,32 @@ def protonet(
     def init(params: Params) -> Params:
         return params
 
-    def adapt(meta_params: Params, support: Batch) -> tuple[Params, jax.Array]:
-        inputs, labels = _unpack(support, "adapt: support")
-        embeddings = embed(meta_params, inputs, labels, "adapt: support")
-        return meta_params, class_prototypes(embeddings, labels, ways)
+    def adapt(
+        meta_params: Params, support: Batch, *, num_steps: int | None = None
+    ) -> Params:
+        del num_steps
+        _unpack(support, "adapt: support")
+        return meta_params
 
-    def meta_loss(meta_params: Params, task: Task) -> tuple[jax.Array, Aux]:
+    def predict(
+        meta_params: Params,
+        support: Batch,
+        inputs: Any,
+        *,
+        num_steps: int | None = None,
+    ) -> jax.Array:
+        del num_steps
+        s_inputs, s_labels = _unpack(support, "predict: support")
+        s_emb = embed(meta_params, s_inputs, s_labels, "predict: support")
+        prototypes = class_prototypes(s_emb, s_labels, ways)
+        _check_support_matches_query(s_inputs, inputs, "predict")
+        embeddings = embed_fn(meta_params, inputs)
+        return scale * prototype_logits(embeddings, prototypes, distance)
+
+    def meta_loss(
+        meta_params: Params, task: Task, *, outer_step: Any = None
+    ) -> tuple[jax.Array, Aux]:
+        del outer_step
         metrics = episode(meta_params, task, "meta_loss")
         loss = metrics["query_loss"]
         metrics = jax.lax.stop_gradient(metrics)
@@ -235,7 +258,7 @@ def protonet(
         metrics = episode(meta_params, task, "adaptation_curve")
         return {k: jnp.full((num_steps + 1,), v) for k, v in metrics.items()}
 
-    return MetaLearner(init, adapt, meta_loss, adaptation_curve)
+    return MetaLearner(init, adapt, meta_loss, adaptation_curve, predict)
 
 
 def _unit(x: jax.Array) -> jax.Array:

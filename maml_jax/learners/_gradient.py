@@ -1,0 +1,142 @@
+"""The shared skeleton of the gradient-based learners.
+
+Each learner says what its inner problem is (where the inner loop starts, which
+loss it descends, with which optax update rule, and how the adapted part maps
+back to the model's parameters); ``gradient_learner`` turns that into the
+``MetaLearner`` contract, so ``adapt``, ``meta_loss`` and ``adaptation_curve``
+run the same ``core.inner_loop`` for every learner.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import optax
+
+from maml_jax import _validation, core
+from maml_jax.types import Aux, Batch, LossFn, MetaLearner, MetaParams, Params, Task
+
+
+class InnerProblem(NamedTuple):
+    """One task's inner problem, built from the meta-parameters.
+
+    Attributes:
+      start: where the inner loop starts (the adapted part of the parameters).
+      loss_fn: the loss of that part on a batch.
+      optimizer: the inner update rule (may close over traced meta-parameters).
+      to_model: maps the adapted part to the model's full parameters.
+    """
+
+    start: Params
+    loss_fn: LossFn
+    optimizer: optax.GradientTransformation
+    to_model: Callable[[Params], Params] = lambda p: p
+
+
+Objective = Callable[..., jax.Array]
+"""``(meta_params, task_params, trace, query_loss, outer_step) -> meta-loss``."""
+
+
+def gradient_learner(
+    *,
+    init: Callable[[Params], MetaParams],
+    inner_problem: Callable[[MetaParams], InnerProblem],
+    num_inner_steps: int,
+    first_order: bool,
+    remat: bool,
+    has_aux: bool,
+    objective: Objective | None = None,
+    observe_query: bool = False,
+) -> MetaLearner:
+    """A ``MetaLearner`` whose tasks adapt by ``core.inner_loop``.
+
+    Args:
+      init: ``params -> meta_params``.
+      inner_problem: ``meta_params -> InnerProblem``.
+      num_inner_steps: the trained number of inner steps ``K``.
+      first_order, remat, has_aux: as in ``core.inner_loop``.
+      objective: replaces the meta-loss ``L_Q(φ_K)`` (MAML++'s multi-step loss,
+        Reptile's surrogate); called with the meta-parameters, the adapted
+        part, the inner trace, ``L_Q(φ_K)`` and the outer step.
+      observe_query: record the query ``(loss, aux)`` after every inner step in
+        ``trace.observed`` (for ``objective``).
+    """
+
+    def steps(num_steps: int | None) -> int:
+        if num_steps is None:
+            return num_inner_steps
+        return _validation.check_positive_int("num_steps", num_steps)
+
+    def run(meta_params, support, num_steps, query=None):
+        problem = inner_problem(meta_params)
+        observe = None
+        if query is not None:
+            observe = lambda p: core.loss_and_aux(
+                problem.loss_fn, p, query, has_aux=has_aux
+            )
+        phi, trace = core.inner_loop(
+            problem.loss_fn,
+            problem.start,
+            support,
+            optimizer=problem.optimizer,
+            num_steps=num_steps,
+            first_order=first_order,
+            remat=remat,
+            has_aux=has_aux,
+            observe=observe,
+        )
+        return problem, phi, trace
+
+    def adapt(
+        meta_params: MetaParams, support: Batch, *, num_steps: int | None = None
+    ) -> Params:
+        problem, phi, _ = run(meta_params, support, steps(num_steps))
+        return problem.to_model(phi)
+
+    def meta_loss(
+        meta_params: MetaParams, task: Task, *, outer_step: Any = None
+    ) -> tuple[jax.Array, Aux]:
+        _validation.check_task(task, "meta_loss")
+        query = task.query if observe_query else None
+        problem, phi, trace = run(meta_params, task.support, num_inner_steps, query)
+        if observe_query:
+            query_post = jax.tree.map(lambda x: x[-1], trace.observed)
+        else:
+            query_post = core.loss_and_aux(
+                problem.loss_fn, phi, task.query, has_aux=has_aux
+            )
+        aux = core.task_metrics(
+            problem.loss_fn,
+            problem.start,
+            phi,
+            task,
+            trace.support_loss[0],
+            has_aux=has_aux,
+            query_post=query_post,
+        )
+        loss = query_post[0]
+        if objective is not None:
+            loss = objective(meta_params, phi, trace, loss, outer_step)
+        return loss, aux
+
+    def adaptation_curve(meta_params: MetaParams, task: Task, num_steps: int) -> Aux:
+        problem = inner_problem(meta_params)
+        return core.adaptation_curve(
+            problem.loss_fn,
+            problem.start,
+            task,
+            optimizer=problem.optimizer,
+            num_steps=num_steps,
+            has_aux=has_aux,
+        )
+
+    return MetaLearner(init, adapt, meta_loss, adaptation_curve)
+
+
+def check_flag(name: str, value: Any) -> bool:
+    """Returns ``value`` if it is a bool (a static option), else a ``TypeError``."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False; got {value!r}.")
+    return value
