@@ -84,7 +84,7 @@ def sample_sinusoid_tasks(
     num_support = _validation.check_positive_int("num_support", num_support)
     num_query = _validation.check_positive_int("num_query", num_query)
     # One uniform draw for amplitudes, phases and inputs: each draw is a rolled
-    # threefry loop on CPU, and three of them were ~20% of a sinusoid meta-step.
+    # threefry loop on CPU, and three of them weigh on a meta-step this small.
     u = jax.random.uniform(key, (num_tasks, 2 + num_support + num_query))
     scale = lambda v, bounds: bounds[0] + (bounds[1] - bounds[0]) * v
     params = SinusoidParams(

@@ -55,17 +55,10 @@ References:
 
 from __future__ import annotations
 
-import functools
-import io
-import re
-import zipfile
-import zlib
-from importlib import resources
 from pathlib import Path
 from typing import Literal, NamedTuple
 
 import numpy as np
-from PIL import Image
 
 from maml_jax.datasets._common import (
     DatasetError,
@@ -78,6 +71,11 @@ from maml_jax.datasets._common import (
     sha256_file,
     try_save_cache,
 )
+from maml_jax.datasets._omniglot_archive import HOME as _HOME
+from maml_jax.datasets._omniglot_archive import NUM_DRAWINGS
+from maml_jax.datasets._omniglot_archive import RESAMPLE_FILTERS as _RESAMPLE
+from maml_jax.datasets._omniglot_archive import decode_archive as _decode_archive
+from maml_jax.datasets._omniglot_archive import pinned_names as _pinned
 
 ArchiveSplit = Literal["background", "evaluation"]
 SplitName = Literal[
@@ -114,9 +112,6 @@ comparable across libraries.) ``lake-*``: Lake et al.'s alphabet-disjoint
 split, background (964) for training and evaluation (659) for testing.
 """
 
-NUM_DRAWINGS = 20
-"""Drawings (examples) per character."""
-
 OMNIGLOT_URL_BASE = (
     "https://raw.githubusercontent.com/brendenlake/omniglot/master/python"
 )
@@ -129,24 +124,7 @@ _CANONICAL_MD5 = {
     "background": "68d2efa1b9178cc56df9314c21c6e718",
     "evaluation": "6b91aef0f799c5bb55b94e3f2daec811",
 }
-_SOURCE_SIZE = 105
 _CACHE_FORMAT = 1
-_RESAMPLE = {
-    "lanczos": Image.Resampling.LANCZOS,
-    "bilinear": Image.Resampling.BILINEAR,
-    "nearest": Image.Resampling.NEAREST,
-}
-_IGNORED = re.compile(r"(^|/)(__MACOSX/|\._|\.DS_Store$|Thumbs\.db$)")
-_DRAWING = re.compile(r"(\d{4})_(\d{2})\.png")
-_ZIP_READ_ERRORS = (
-    zipfile.BadZipFile,
-    zlib.error,
-    OSError,
-    EOFError,
-    ValueError,
-    NotImplementedError,
-)
-_HOME = "https://github.com/brendenlake/omniglot (folder python/)"
 
 
 class OmniglotSplit(NamedTuple):
@@ -173,12 +151,6 @@ class OmniglotSplit(NamedTuple):
         return tuple(
             f"{a}/{c}" for a, c in zip(self.alphabets, self.characters, strict=True)
         )
-
-
-@functools.cache
-def _pinned(list_name: str) -> tuple[str, ...]:
-    text = resources.files(__package__).joinpath("_splits", f"{list_name}.txt")
-    return tuple(text.read_text(encoding="utf-8").split())
 
 
 def omniglot_class_names(
@@ -402,155 +374,3 @@ def _cache_is_consistent(arrays: dict[str, np.ndarray], split: str, size: int) -
         )
         == names
     )
-
-
-def _decode_archive(
-    path: Path, split: str, image_size: int, resample: str
-) -> dict[str, np.ndarray]:
-    """Validates the archive and decodes it to uint8 ink ``(C, 20, H, W)``."""
-    try:
-        zf = zipfile.ZipFile(path)
-    except _ZIP_READ_ERRORS as e:
-        raise DatasetError(
-            f"{path} is not a readable zip archive ({e}): it is probably truncated "
-            "or corrupted, e.g. by an interrupted download. Replace it with the "
-            f"canonical images_{split}.zip from {_HOME}."
-        ) from e
-    with zf:
-        characters, ids = _index_archive(path, split, zf.infolist())
-        ink = np.empty(
-            (len(characters), NUM_DRAWINGS, image_size, image_size), np.uint8
-        )
-        for c, (_, drawings) in enumerate(characters):
-            for d, info in enumerate(drawings):
-                ink[c, d] = _decode_png(path, split, zf, info, image_size, resample)
-    alphabets, folders = zip(*(name.split("/") for name, _ in characters), strict=True)
-    return {
-        "ink": ink,
-        "alphabets": np.array(alphabets),
-        "characters": np.array(folders),
-        "character_ids": np.array(ids, np.int32),
-    }
-
-
-def _index_archive(
-    path: Path, split: str, infos: list[zipfile.ZipInfo]
-) -> tuple[list[tuple[str, list[zipfile.ZipInfo]]], list[int]]:
-    """Checks the layout; returns ``[(name, 20 drawings)]`` in pinned order, ids."""
-    top = f"images_{split}"
-    other = "evaluation" if split == "background" else "background"
-    fix = f"Replace it with the canonical images_{split}.zip from {_HOME}."
-    files = [i for i in infos if not i.is_dir() and not _IGNORED.search(i.filename)]
-    if not any(i.filename.startswith(f"{top}/") for i in files):
-        if any(i.filename.startswith(f"images_{other}/") for i in files):
-            problem = (
-                f"holds images_{other}/, so it is images_{other}.zip under "
-                "the wrong name (are the two archives swapped?)"
-            )
-        elif nested := next(
-            (i.filename for i in files if f"/{top}/" in i.filename), None
-        ):
-            prefix = nested[: nested.index(f"/{top}/") + 1]
-            problem = (
-                f"has {top}/ nested under {prefix!r}; it must be the top "
-                "folder of the archive"
-            )
-        else:
-            problem = f"has no top-level {top}/ folder"
-        raise DatasetError(f"{path} {problem}. {fix}")
-    groups: dict[str, dict[int, zipfile.ZipInfo]] = {}
-    ids: dict[str, set[int]] = {}
-    for info in files:
-        parts = info.filename.split("/")
-        match = _DRAWING.fullmatch(parts[-1])
-        if parts[0] != top or len(parts) != 4 or match is None:
-            raise DatasetError(
-                f"{path} has an unexpected entry {info.filename!r}; every file must "
-                f"be {top}/<Alphabet>/characterNN/IIII_DD.png. {fix}"
-            )
-        name = f"{parts[1]}/{parts[2]}"
-        drawing = int(match.group(2))
-        if drawing in groups.setdefault(name, {}):
-            raise DatasetError(
-                f"{path} has drawing {drawing:02d} of {name} twice. {fix}"
-            )
-        groups[name][drawing] = info
-        ids.setdefault(name, set()).add(int(match.group(1)))
-    expected = _pinned(f"lake_{split}")
-    if set(groups) != set(expected):
-        raise DatasetError(_content_mismatch(path, split, other, set(groups)) + fix)
-    ordered = []
-    for name in expected:
-        drawings = groups[name]
-        numbers = set(range(1, NUM_DRAWINGS + 1))
-        if set(drawings) != numbers:
-            missing, extra = (
-                sorted(numbers - set(drawings)),
-                sorted(drawings.keys() - numbers),
-            )
-            raise DatasetError(
-                f"{path}: {name} has {len(drawings)} drawings, expected "
-                f"{NUM_DRAWINGS} (IIII_01.png ... IIII_20.png); missing drawing "
-                f"numbers {missing}, unexpected {extra}. " + fix
-            )
-        if len(ids[name]) != 1:
-            raise DatasetError(
-                f"{path}: {name} mixes character ids {sorted(ids[name])}. " + fix
-            )
-        ordered.append((name, [drawings[d] for d in range(1, NUM_DRAWINGS + 1)]))
-    return ordered, [ids[name].pop() for name in expected]
-
-
-def _content_mismatch(path: Path, split: str, other: str, found: set[str]) -> str:
-    expected = set(_pinned(f"lake_{split}"))
-    if found and found <= set(_pinned(f"lake_{other}")):
-        return (
-            f"{path} holds characters of images_{other}.zip, not of images_{split}"
-            ".zip (are the two archives swapped?). "
-        )
-
-    def alphabets(names: set[str]) -> int:
-        return len({n.split("/")[0] for n in names})
-
-    missing, extra = sorted(expected - found), sorted(found - expected)
-    return (
-        f"{path} does not hold the Omniglot images_{split} characters: expected "
-        f"{len(expected)} characters in {alphabets(expected)} alphabets, found "
-        f"{len(found)} in {alphabets(found)}; missing {len(missing)} "
-        f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {len(extra)} "
-        f"{extra[:5]}{'...' if len(extra) > 5 else ''}. "
-    )
-
-
-def _decode_png(
-    path: Path,
-    split: str,
-    zf: zipfile.ZipFile,
-    info: zipfile.ZipInfo,
-    image_size: int,
-    resample: str,
-) -> np.ndarray:
-    fix = f"Replace it with the canonical images_{split}.zip from {_HOME}."
-    try:
-        data = zf.read(info)
-    except _ZIP_READ_ERRORS as e:
-        raise DatasetError(
-            f"{path} is corrupted: cannot read {info.filename} ({e}). {fix}"
-        ) from e
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            size = image.size
-            gray = image.convert("L")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise DatasetError(
-            f"{path}: {info.filename} does not decode as a PNG image ({e}). {fix}"
-        ) from e
-    if size != (_SOURCE_SIZE, _SOURCE_SIZE):
-        raise DatasetError(
-            f"{path}: {info.filename} is {size[0]}x{size[1]} pixels, expected "
-            f"{_SOURCE_SIZE}x{_SOURCE_SIZE}. {fix}"
-        )
-    if image_size != _SOURCE_SIZE:
-        gray = gray.resize((image_size, image_size), _RESAMPLE[resample])
-    return 255 - np.asarray(gray, dtype=np.uint8)
