@@ -5,6 +5,7 @@ to it; every test runs over every row.
 """
 
 import functools
+import inspect
 
 import chex
 import jax
@@ -54,6 +55,7 @@ def _row(factory, setup=_sinusoid_setup, **kwargs):
         loss_fn, params, sampler = setup()
         return factory(loss_fn, **kwargs), params, sampler
 
+    build.setup, build.kwargs = setup, kwargs
     return build
 
 
@@ -67,6 +69,9 @@ LEARNERS = {
     "fomaml": _row(maml_jax.fomaml, inner_lr=0.01, num_inner_steps=2),
     "anil": _row(
         maml_jax.anil, inner_lr=0.01, num_inner_steps=2, adapt_mask=_head_only
+    ),
+    "maml_adam": _row(
+        maml_jax.maml, inner_optimizer=optax.adam(1e-2), num_inner_steps=2
     ),
     "reptile": _row(maml_jax.reptile, inner_lr=0.01, num_inner_steps=3),
     "meta_sgd": _row(maml_jax.meta_sgd, inner_lr=0.01),
@@ -182,3 +187,145 @@ def test_adaptation_curve_shapes(name):
         learner.init(params), task, 3
     )
     assert curve["query_loss"].shape == (4,) and curve["support_loss"].shape == (4,)
+
+
+TRAINED_STEPS = {
+    name: row.kwargs.get("num_inner_steps", 1) for name, row in LEARNERS.items()
+}
+
+
+def _loss_fn(name):
+    return LEARNERS[name].setup()[0]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_adapt_returns_model_params_below_at_and_above_the_trained_steps(name):
+    """adapt(num_steps=K) gives the structure given to init, and its query loss
+    is the adaptation curve's at step K (ProtoNets: the parameters, unchanged)."""
+    learner, params, _ = _built(name)
+    meta_params = learner.init(params)
+    task = jax.tree.map(lambda x: x[0], _tasks(name))
+    trained = TRAINED_STEPS[name]
+    max_steps = trained + 3
+    curve = jax.jit(learner.adaptation_curve, static_argnums=2)(
+        meta_params, task, max_steps
+    )
+    for k in sorted({1, trained, max_steps}):
+        adapt = jax.jit(functools.partial(learner.adapt, num_steps=k))
+        adapted = adapt(meta_params, task.support)
+        chex.assert_trees_all_equal_shapes_and_dtypes(adapted, params)
+        if name == "protonet":
+            chex.assert_trees_all_equal(adapted, params)
+            continue
+        query_loss = _loss_fn(name)(adapted, task.query)
+        np.testing.assert_allclose(query_loss, curve["query_loss"][k], rtol=1e-6)
+    default = learner.adapt(meta_params, task.support)
+    chex.assert_trees_all_close(
+        default, learner.adapt(meta_params, task.support, num_steps=trained)
+    )
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_predict_runs_the_adapted_learner(name):
+    learner, params, _ = _built(name)
+    meta_params = learner.init(params)
+    task = jax.tree.map(lambda x: x[0], _tasks(name))
+    inputs = task.query[0]
+    if name == "protonet":
+        logits = maml_jax.predict(learner, meta_params, task.support, inputs)
+        assert logits.shape == (inputs.shape[0], 3)
+        return
+    apply_fn = lambda p, x: maml_jax.MLP(hidden_sizes=(16, 16)).apply({"params": p}, x)
+    outputs = maml_jax.predict(
+        learner, meta_params, task.support, inputs, apply_fn=apply_fn, num_steps=2
+    )
+    adapted = learner.adapt(meta_params, task.support, num_steps=2)
+    np.testing.assert_allclose(outputs, apply_fn(adapted, inputs), rtol=1e-12)
+    with pytest.raises(TypeError, match="apply_fn"):
+        maml_jax.predict(learner, meta_params, task.support, inputs)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_meta_loss_takes_the_outer_step(name):
+    learner, params, _ = _built(name)
+    meta_params = learner.init(params)
+    task = jax.tree.map(lambda x: x[0], _tasks(name))
+    loss_0, _ = learner.meta_loss(meta_params, task, outer_step=jnp.int32(0))
+    loss_late, _ = learner.meta_loss(meta_params, task, outer_step=jnp.int32(10**6))
+    if name == "maml_plus_plus":  # the multi-step loss anneals to the last step
+        assert not np.allclose(loss_0, loss_late)
+    else:
+        np.testing.assert_allclose(loss_0, loss_late, rtol=1e-12)
+
+
+def test_every_gradient_factory_takes_the_same_keywords():
+    shared = {"inner_lr", "inner_optimizer", "num_inner_steps", "first_order"}
+    shared |= {"remat", "has_aux"}
+    for name in maml_jax.GRADIENT_LEARNERS:
+        signature = inspect.signature(maml_jax.LEARNERS[name])
+        first = next(iter(signature.parameters.values()))
+        assert first.name == "loss_fn", name
+        assert shared <= set(signature.parameters), (
+            name,
+            shared - set(signature.parameters),
+        )
+
+
+@pytest.mark.parametrize(
+    ("factory", "kwargs", "match"),
+    [
+        (maml_jax.reptile, {"first_order": False}, "no second-order Reptile"),
+        (maml_jax.reptile, {"remat": True}, "nothing to recompute"),
+        (maml_jax.imaml, {"first_order": True, "reg_lambda": 1.0}, "implicit"),
+        (maml_jax.imaml, {"remat": True, "reg_lambda": 1.0}, "does not grow"),
+        (maml_jax.fomaml, {"first_order": False}, "first-order by definition"),
+        (maml_jax.meta_sgd, {"inner_optimizer": optax.sgd(0.1)}, "learns its inner"),
+        (maml_jax.maml_plus_plus, {"inner_optimizer": optax.sgd(0.1)}, "learns its"),
+    ],
+)
+def test_options_a_learner_cannot_honour_say_why(factory, kwargs, match):
+    loss_fn = _sinusoid_setup()[0]
+    with pytest.raises(ValueError, match=match):
+        factory(loss_fn, inner_lr=0.1, num_inner_steps=2, **kwargs)
+
+
+def test_anil_takes_a_rate_pytree():
+    loss_fn, params, sampler = _sinusoid_setup()
+    task = jax.tree.map(lambda x: x[0], sampler(jax.random.key(0)))
+    rates = jax.tree.map(lambda _: 0.01, params)
+    by_tree = maml_jax.anil(
+        loss_fn, inner_lr=rates, num_inner_steps=2, adapt_mask=_head_only
+    )
+    by_scalar = maml_jax.anil(
+        loss_fn, inner_lr=0.01, num_inner_steps=2, adapt_mask=_head_only
+    )
+    grad = lambda l: jax.grad(lambda p: l.meta_loss(p, task)[0])(params)
+    chex.assert_trees_all_close(grad(by_tree), grad(by_scalar), rtol=1e-12)
+    # Only the head's rates are used: a different body rate changes nothing,
+    # a different head rate does.
+    rates["Dense_0"] = jax.tree.map(lambda _: 5.0, rates["Dense_0"])
+    body_changed = maml_jax.anil(
+        loss_fn, inner_lr=rates, num_inner_steps=2, adapt_mask=_head_only
+    )
+    chex.assert_trees_all_close(grad(body_changed), grad(by_scalar), rtol=1e-12)
+    rates["Dense_2"] = jax.tree.map(lambda _: 0.02, rates["Dense_2"])
+    head_changed = maml_jax.anil(
+        loss_fn, inner_lr=rates, num_inner_steps=2, adapt_mask=_head_only
+    )
+    adapted = head_changed.adapt(params, task.support)
+    assert not np.allclose(adapted["Dense_2"]["kernel"], params["Dense_2"]["kernel"])
+    chex.assert_trees_all_equal(adapted["Dense_0"], params["Dense_0"])
+
+
+def test_learner_registry_builds_every_learner():
+    loss_fn, params, _ = _sinusoid_setup()
+    for name in maml_jax.GRADIENT_LEARNERS:
+        extra = {"reg_lambda": 100.0} if name == "imaml" else {}
+        if name == "anil":
+            extra = {"adapt_mask": _head_only}
+        learner = maml_jax.make_learner(
+            name, loss_fn, inner_lr=0.01, num_inner_steps=2, **extra
+        )
+        assert isinstance(learner, maml_jax.MetaLearner)
+    with pytest.raises(ValueError, match="unknown learner"):
+        maml_jax.make_learner("mamal", loss_fn)
