@@ -1,7 +1,6 @@
 """maml_jax: gradient-based meta-learning as pure JAX functions."""
 
 from maml_jax.algorithms import anil, fomaml, maml
-from maml_jax.checkpoint import Checkpointer, CorruptCheckpointError, RestoredCheckpoint
 from maml_jax.core import (
     adaptation_curve,
     adapted_query_loss,
@@ -40,6 +39,28 @@ from maml_jax.train import (
 from maml_jax.types import Batch, MetaLearner, MetaParams, Params, Task
 
 __version__ = "0.1.0"
+
+# Imported on first use (PEP 562), so that ``import maml_jax`` does not load orbax.
+_LAZY = {
+    "Checkpointer": "maml_jax.checkpoint",
+    "CorruptCheckpointError": "maml_jax.checkpoint",
+    "RestoredCheckpoint": "maml_jax.checkpoint",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 __all__ = [
     "adapted_query_loss",
