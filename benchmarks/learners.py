@@ -11,9 +11,9 @@ Command (the table in ``benchmarks/README.md``)::
         --out runs/learners
 
 Budgets far below the papers' (70k / 60k steps) are reported as such. Each learner
-runs with its protocol defaults (see ``maml_jax.experiments.sinusoid.make_learner``
-and ``maml_jax.experiments.few_shot``). ``--smoke`` runs two learners for a few
-steps. Prints one JSON line per learner and workload, then a markdown table.
+runs with its protocol defaults (see ``maml_jax.app.learners``). ``--smoke`` runs
+two learners for a few steps. Prints one JSON line per learner and workload, then a
+markdown table.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ import time
 from pathlib import Path
 
 from benchmarks import omniglot
-from maml_jax.experiments import few_shot, sinusoid
+from maml_jax.app import learners, sinusoid
 
-REGRESSION = sinusoid.ALGORITHMS  # ProtoNets classify; they have no regression form
+REGRESSION = learners.REGRESSION_ALGORITHMS  # ProtoNets have no regression form
 
 
 def main(argv=None) -> list[dict]:
@@ -34,8 +34,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument(
         "--algorithms",
         nargs="+",
-        default=list(few_shot.ALGORITHMS),
-        choices=few_shot.ALGORITHMS,
+        default=list(learners.ALGORITHMS),
+        choices=learners.ALGORITHMS,
     )
     p.add_argument("--sinusoid-steps", type=int, default=20_000)
     p.add_argument("--omniglot-steps", type=int, default=600)

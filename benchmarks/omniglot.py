@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from maml_jax.experiments import few_shot
+from maml_jax.app import learners, presets, runs
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
 
@@ -33,9 +33,9 @@ def parse_args(argv):
     p.add_argument(
         "--preset",
         default="omniglot-5w1s",
-        choices=[k for k in few_shot.PRESETS if k.startswith("omniglot")],
+        choices=[k for k in presets.PRESETS if k.startswith("omniglot")],
     )
-    p.add_argument("--algorithm", default="maml", choices=few_shot.ALGORITHMS)
+    p.add_argument("--algorithm", default="maml", choices=learners.ALGORITHMS)
     p.add_argument("--steps", type=int, default=12_000)
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
     p.add_argument("--out", type=Path, default=None)
@@ -59,12 +59,12 @@ def main(argv=None) -> dict:
             checkpoint_every=3,
         )
         args.episodes = 20
-    config = few_shot.FewShotConfig.from_preset(args.preset, **overrides)
+    config = presets.FewShotConfig.from_preset(args.preset, **overrides)
     out = args.out or Path(tempfile.mkdtemp(prefix="maml_jax_omniglot_"))
     t0 = time.perf_counter()
-    few_shot.train(config, args.data_dir, out, progress=not args.no_progress)
+    runs.train(config, args.data_dir, out, progress=not args.no_progress)
     train_seconds = time.perf_counter() - t0
-    results = few_shot.evaluate_run(out, args.data_dir, episodes_count=args.episodes)
+    results = runs.evaluate_run(out, args.data_dir, episodes_count=args.episodes)
     metrics = [
         json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
     ]
@@ -90,7 +90,7 @@ def main(argv=None) -> dict:
             }
         )
     )
-    print(few_shot.format_results(results))
+    print(runs.format_results(results))
     return results
 
 

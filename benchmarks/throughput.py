@@ -20,7 +20,7 @@ For each (learner, workload, order, inner steps) it reports the median and the
 step, the compile time, tasks/s and the compiled step's temporary memory
 (``compiled.memory_analysis()``), one JSON line each (``--jsonl`` appends them to a
 file), then a table. On CPU the Conv4 workloads use im2col convolutions with tasks
-in a ``lax.scan`` over chunks of 2–4 (``few_shot.cpu_chunk_size``, the fastest
+in a ``lax.scan`` over chunks of 2–4 (``presets.cpu_chunk_size``, the fastest
 measured); elsewhere ``lax`` convolutions and ``vmap``.
 
 Command: ``python benchmarks/throughput.py --workloads sinusoid omniglot-5w1s
@@ -44,7 +44,7 @@ import optax
 import maml_jax
 from benchmarks._timing import median_call_seconds, time_sampled_step
 from maml_jax import episodes, models
-from maml_jax.experiments import few_shot
+from maml_jax.app import presets
 
 WORKLOADS = {
     "sinusoid": dict(kind="sinusoid", meta_batch=25, inner_lr=0.01),
@@ -132,7 +132,7 @@ def build(
         sampler = lambda key: episodes.sample_episodes(key, data, spec, w["meta_batch"])
         batching = "scan" if cpu else "vmap"
         examples = w["ways"] * (w["shots"] + w["queries"])
-        chunk = few_shot.cpu_chunk_size(w["meta_batch"], examples) if cpu else None
+        chunk = presets.cpu_chunk_size(w["meta_batch"], examples) if cpu else None
     common = dict(inner_lr=w["inner_lr"], num_inner_steps=inner_steps, has_aux=has_aux)
     if learner_name in ("maml", "fomaml"):
         learner = maml_jax.maml(

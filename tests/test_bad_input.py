@@ -10,9 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import maml_jax
-from maml_jax import cli
+from maml_jax.app import cli, presets
 from maml_jax.episodes import EpisodeSpec, check_episode_spec
-from maml_jax.experiments import few_shot
 from tests import helpers
 
 FAST = settings(
@@ -136,7 +135,7 @@ INT_FIELDS = (
 @given(field=st.sampled_from(INT_FIELDS), value=st.integers(-5, 0))
 def test_config_rejects_non_positive_counts(field, value):
     with pytest.raises(ValueError, match=f"--{field.replace('_', '-')} must be >= 1"):
-        few_shot.FewShotConfig.from_preset("omniglot-5w1s", **{field: value})
+        presets.FewShotConfig.from_preset("omniglot-5w1s", **{field: value})
 
 
 @FAST
@@ -148,7 +147,7 @@ def test_config_rejects_bad_learning_rates(field, value):
     with pytest.raises(
         ValueError, match=f"--{field.replace('_', '-')} must be a finite"
     ):
-        few_shot.FewShotConfig.from_preset("omniglot-5w1s", **{field: value})
+        presets.FewShotConfig.from_preset("omniglot-5w1s", **{field: value})
 
 
 @FAST
@@ -193,7 +192,7 @@ def test_cli_bad_flag_values_exit_2_with_one_line(flag, value, tmp_path, capsys)
 
 
 def test_steps_zero_is_a_full_valid_run_shape():
-    config = few_shot.FewShotConfig.from_preset("omniglot-5w1s", steps=0)
+    config = presets.FewShotConfig.from_preset("omniglot-5w1s", steps=0)
     assert config.steps == 0
 
 

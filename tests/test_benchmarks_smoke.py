@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_sinusoid_smoke(tmp_path):
-    from maml_jax.experiments import sinusoid
+    from maml_jax.app import sinusoid
 
     results = sinusoid.main(["--smoke", "--no-progress", "--out", str(tmp_path)])
     for name in ("maml", "pretrained"):
@@ -28,7 +28,7 @@ def test_sinusoid_smoke(tmp_path):
 
 def test_cli_help_and_unknown_command():
     run = lambda *a: subprocess.run(
-        [sys.executable, "-m", "maml_jax.cli", *a], capture_output=True, text=True
+        [sys.executable, "-m", "maml_jax.app.cli", *a], capture_output=True, text=True
     )
     assert run("--help").returncode == 0
     bad = run("nope")

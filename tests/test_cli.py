@@ -9,8 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from maml_jax import cli
-from maml_jax.experiments import few_shot
+from maml_jax.app import cli, learners, presets
 
 # Small but real: paper 5-way 1-shot episodes, a smaller meta-batch for speed.
 SMALL = [
@@ -38,8 +37,8 @@ def _train(omniglot_dir, out, *extra):
 def _final_params(run_dir):
     from maml_jax.checkpoint import Checkpointer
 
-    config = few_shot.FewShotConfig(**json.loads((run_dir / "config.json").read_text()))
-    _, params, learner, tx = few_shot.build_learner(config, (28, 28, 1))
+    config = presets.FewShotConfig(**json.loads((run_dir / "config.json").read_text()))
+    _, params, learner, tx = learners.build_learner(config, (28, 28, 1))
     import maml_jax
 
     template = maml_jax.MetaTrainState.create(params=params, learner=learner, tx=tx)
@@ -83,7 +82,7 @@ def test_train_then_eval(omniglot_dir, dataset_cache, tmp_path, capsys):
 def _run_cli(*args, env_extra=None):
     env = {**os.environ, **(env_extra or {})}
     return subprocess.run(
-        [sys.executable, "-m", "maml_jax.cli", *args],
+        [sys.executable, "-m", "maml_jax.app.cli", *args],
         capture_output=True,
         text=True,
         env=env,
@@ -182,7 +181,7 @@ def test_existing_run_needs_resume_and_eval_needs_a_run(tmp_path):
 
 
 def test_presets_match_the_paper():
-    p = few_shot.PRESETS
+    p = presets.PRESETS
     assert (
         p["omniglot-5w1s"]["inner_lr"] == 0.4 and p["omniglot-5w1s"]["meta_batch"] == 32
     )
@@ -192,10 +191,10 @@ def test_presets_match_the_paper():
     )
     assert p["miniimagenet-5w1s"]["queries"] == 15
     assert p["miniimagenet-5w5s"]["meta_batch"] == 2
-    config = few_shot.FewShotConfig.from_preset("omniglot-5w1s")
+    config = presets.FewShotConfig.from_preset("omniglot-5w1s")
     assert config.spec.rotations and config.steps == 60_000
     with pytest.raises(ValueError, match="unknown preset"):
-        few_shot.FewShotConfig.from_preset("cifar")
+        presets.FewShotConfig.from_preset("cifar")
 
 
 @pytest.mark.slow
@@ -209,7 +208,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_is_exact(
     args = [
         sys.executable,
         "-m",
-        "maml_jax.cli",
+        "maml_jax.app.cli",
         "train",
         *SMALL,
         "--steps",

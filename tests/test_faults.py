@@ -19,7 +19,7 @@ RUN = [*SMALL, "--steps", str(STEPS), "--eval-every", "40", "--checkpoint-every"
 
 
 def _command(omniglot_dir, out, resume=False):
-    args = [sys.executable, "-m", "maml_jax.cli", "train"]
+    args = [sys.executable, "-m", "maml_jax.app.cli", "train"]
     if resume:
         return args + [
             "--preset",

@@ -22,9 +22,8 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 import maml_jax
-from maml_jax import cli
+from maml_jax.app import cli, learners, presets, runs
 from maml_jax.checkpoint import Checkpointer
-from maml_jax.experiments import few_shot
 from tests import helpers
 from tests.test_cli import _final_params
 
@@ -169,7 +168,7 @@ def test_bad_nonfinite_policy_is_rejected():
     with pytest.raises(ValueError, match="nonfinite must be one of 'raise', 'skip'"):
         _fit(_state(), 2, "ignore")
     with pytest.raises(ValueError, match="--on-nonfinite must be one of stop, skip"):
-        few_shot.FewShotConfig.from_preset("omniglot-5w1s", on_nonfinite="ignore")
+        presets.FewShotConfig.from_preset("omniglot-5w1s", on_nonfinite="ignore")
 
 
 # --- the command line on the real Omniglot files ---
@@ -345,14 +344,14 @@ def test_on_nonfinite_reaches_fit_stop_then_resume_with_skip(
     inner_steps=st.integers(1, 2),
     filters=st.integers(4, 8),
     steps=st.integers(1, 2),
-    algorithm=st.sampled_from(few_shot.ALGORITHMS),
+    algorithm=st.sampled_from(learners.ALGORITHMS),
     norm=st.sampled_from(("transductive", "inductive", "none")),
     on_nonfinite=st.sampled_from(("stop", "skip")),
 )
 def test_every_valid_config_trains_to_a_finite_loss(
     omniglot_dir, dataset_cache, **fields
 ):
-    config = few_shot.FewShotConfig.from_preset(
+    config = presets.FewShotConfig.from_preset(
         "omniglot-5w1s",
         test_inner_steps=1,
         val_episodes=2,
@@ -364,7 +363,7 @@ def test_every_valid_config_trains_to_a_finite_loss(
         **fields,
     )
     with tempfile.TemporaryDirectory() as out:
-        state = few_shot.train(config, omniglot_dir, out, progress=False)
+        state = runs.train(config, omniglot_dir, out, progress=False)
         log = Path(out, "metrics.jsonl").read_text()
     records = [json.loads(line) for line in log.splitlines()]
     assert int(state.step) == config.steps and int(state.skipped_steps) == 0
@@ -431,7 +430,7 @@ def test_bad_train_flags_exit_2_with_one_line(flag_value, tmp_path, capsys):
 def test_bad_eval_flags_exit_2_with_one_line(tmp_path, capsys, extra, message):
     run = tmp_path / "run"  # a run without a checkpoint: the flags fail first
     run.mkdir()
-    config = few_shot.FewShotConfig.from_preset("omniglot-5w1s")
+    config = presets.FewShotConfig.from_preset("omniglot-5w1s")
     (run / "config.json").write_text(json.dumps(dataclasses.asdict(config)))
     argv = ["eval", "--run", str(run), "--data-dir", str(tmp_path), *extra]
     code, _, err = _main(argv, capsys)
@@ -445,4 +444,4 @@ def test_resume_only_accepts_steps_and_nonfinite_policy(tmp_path, capsys):
     assert code == 2
     assert "only --steps and --on-nonfinite may change" in err
     with pytest.raises(TypeError, match="config must be a FewShotConfig"):
-        few_shot.train(None, tmp_path, tmp_path / "run")
+        runs.train(None, tmp_path, tmp_path / "run")

@@ -182,7 +182,7 @@ def test_evaluate_shapes_and_summary():
 
 
 def test_learning_curve_plots_logs_with_and_without_pre_adaptation_metrics(tmp_path):
-    from maml_jax import plots
+    from maml_jax.app import plots
 
     for name, extra in (("post", {}), ("both", {"query_accuracy_pre": 0.2})):
         path = tmp_path / f"{name}.jsonl"

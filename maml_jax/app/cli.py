@@ -33,7 +33,8 @@ def _debug_flag(parser) -> None:
 
 
 def _train_parser(sub) -> None:
-    from maml_jax.experiments.few_shot import ALGORITHMS, PRESETS
+    from maml_jax.app.learners import ALGORITHMS
+    from maml_jax.app.presets import PRESETS
 
     p = sub.add_parser("train", help="meta-train a few-shot classifier")
     _debug_flag(p)
@@ -118,7 +119,7 @@ def _eval_parser(sub) -> None:
 
 
 def _run_train(args) -> None:
-    from maml_jax.experiments import few_shot
+    from maml_jax.app import presets, runs
 
     overrides = {
         k: v
@@ -136,7 +137,7 @@ def _run_train(args) -> None:
             "distributed",
         )
     }
-    config = few_shot.FewShotConfig.from_preset(args.preset, **overrides)
+    config = presets.FewShotConfig.from_preset(args.preset, **overrides)
     changed = [k for k, v in overrides.items() if v is not None]
     if args.resume and set(changed) - {"steps", "on_nonfinite"}:
         raise ValueError(
@@ -151,7 +152,7 @@ def _run_train(args) -> None:
         from maml_jax import sharding
 
         sharding.initialize_distributed()
-    state = few_shot.train(
+    state = runs.train(
         None if args.resume else config,
         args.data_dir,
         args.out,
@@ -167,24 +168,24 @@ def _run_train(args) -> None:
 
 
 def _run_eval(args) -> None:
-    from maml_jax.experiments import few_shot
+    from maml_jax.app import runs
 
     if args.episodes < 2:
         raise ValueError(f"--episodes must be >= 2; got {args.episodes}.")
-    results = few_shot.evaluate_run(
+    results = runs.evaluate_run(
         args.run,
         args.data_dir,
         split=args.split,
         episodes_count=args.episodes,
         inner_steps=args.inner_steps,
     )
-    print(few_shot.format_results(results))
+    print(runs.format_results(results))
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "sinusoid":
-        from maml_jax.experiments import sinusoid
+        from maml_jax.app import sinusoid
 
         sinusoid.main(argv[1:])
         return 0
@@ -201,8 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     _eval_parser(sub)
     sub.add_parser("sinusoid", help="sinusoid regression (maml-jax sinusoid --help)")
     args = parser.parse_args(argv)
+    from maml_jax.app.runs import TrainingInterrupted
     from maml_jax.checkpoint import CorruptCheckpointError
-    from maml_jax.experiments.few_shot import TrainingInterrupted
 
     try:
         {"train": _run_train, "eval": _run_eval}[args.command](args)

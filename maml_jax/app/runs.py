@@ -1,23 +1,13 @@
-"""N-way K-shot classification runs (Omniglot, mini-ImageNet) at paper protocol.
+"""Few-shot run folders: train, resume exactly, stop on a signal, evaluate.
 
 ``train(config, data_dir, out)`` meta-trains with on-device episode sampling,
 periodic validation, JSON-lines metrics, orbax checkpoints and exact resume;
 ``evaluate_run(run_dir)`` reports test accuracy after each inner step with 95%
 confidence intervals. The ``maml-jax train`` / ``maml-jax eval`` commands call
-these.
-
-Presets follow Finn et al. (2017), Appendix A and the authors' code
-(``cbfinn/maml``): loss = summed cross-entropy / K, i.e. ``ways ×`` the mean
-(``loss_scale = ways``), meta-batch 32 (5-way) / 16 (20-way) on Omniglot with
-1 / 5 inner steps at α = 0.4 / 0.1 and 3 / 5 test steps; mini-ImageNet with 5
-inner steps at α = 0.01, 15 queries per class, meta-batch 4 / 2, 10 test steps
-and gradients clipped to [−10, 10]; Adam 1e-3; 60,000 meta-steps.
-
-Omniglot uses the Vinyals et al. split pinned in ``maml_jax.datasets`` (1028
-train / 172 validation / 423 test characters, each rotated by 0/90/180/270° as
-four classes): training on ``vinyals-train``, validation on ``vinyals-val``,
-test on ``vinyals-test``. (The original code trains on 1100 characters from an
-unpinned shuffle; we use the published split so numbers are comparable.)
+these. A run folder holds ``config.json``, ``metrics.jsonl``, ``checkpoints/``,
+``learning_curve.png`` and ``<split>_results.json``. SIGTERM or SIGINT during
+``train`` finishes the current chunk of steps, saves a checkpoint and raises
+``TrainingInterrupted``; a resumed run continues exactly.
 """
 
 from __future__ import annotations
@@ -31,248 +21,18 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 import maml_jax
-from maml_jax import episodes, models, sharding
+from maml_jax import episodes, sharding
+from maml_jax.app.learners import build_learner
+from maml_jax.app.presets import ON_NONFINITE, SPLITS, FewShotConfig
 from maml_jax.checkpoint import Checkpointer
-from maml_jax.experiments import sinusoid
 
-PRESETS: dict[str, dict[str, Any]] = {
-    "omniglot-5w1s": dict(
-        dataset="omniglot",
-        ways=5,
-        shots=1,
-        queries=1,
-        meta_batch=32,
-        inner_steps=1,
-        inner_lr=0.4,
-        test_inner_steps=3,
-    ),
-    "omniglot-5w5s": dict(
-        dataset="omniglot",
-        ways=5,
-        shots=5,
-        queries=5,
-        meta_batch=32,
-        inner_steps=1,
-        inner_lr=0.4,
-        test_inner_steps=3,
-    ),
-    "omniglot-20w1s": dict(
-        dataset="omniglot",
-        ways=20,
-        shots=1,
-        queries=1,
-        meta_batch=16,
-        inner_steps=5,
-        inner_lr=0.1,
-        test_inner_steps=5,
-    ),
-    "omniglot-20w5s": dict(
-        dataset="omniglot",
-        ways=20,
-        shots=5,
-        queries=5,
-        meta_batch=16,
-        inner_steps=5,
-        inner_lr=0.1,
-        test_inner_steps=5,
-    ),
-    "miniimagenet-5w1s": dict(
-        dataset="miniimagenet",
-        ways=5,
-        shots=1,
-        queries=15,
-        meta_batch=4,
-        inner_steps=5,
-        inner_lr=0.01,
-        test_inner_steps=10,
-        grad_clip=10.0,
-    ),
-    "miniimagenet-5w5s": dict(
-        dataset="miniimagenet",
-        ways=5,
-        shots=5,
-        queries=15,
-        meta_batch=2,
-        inner_steps=5,
-        inner_lr=0.01,
-        test_inner_steps=10,
-        grad_clip=10.0,
-    ),
-}
-
-SPLITS = {
-    "omniglot": {
-        "train": "vinyals-train",
-        "val": "vinyals-val",
-        "test": "vinyals-test",
-    },
-    "miniimagenet": {"train": "train", "val": "val", "test": "test"},
-}
 TEST_KEY = 20170306  # fixed: the same test episodes for every run and seed
-# --on-nonfinite: "stop" raises FloatingPointError at the first non-finite step;
-# "skip" leaves the parameters unchanged at such a step and counts it.
-ON_NONFINITE = {"stop": "raise", "skip": "skip"}
-
-
-# Tasks per chunk of the CPU "scan" batching, measured on a 2-core CPU
-# (benchmarks/README.md): at most 4 tasks and about 160 examples a chunk. Omniglot
-# 5w1s with 1 query per class (10 examples a task): 4 fastest (162 ms; 2: 173 ms,
-# 8: 171 ms); with 15 per class and max-pool (80 a task): 2 (2.36-2.51 s; 4: 2.59 s).
-CPU_MAX_CHUNK_SIZE = 4
-CPU_CHUNK_EXAMPLES = 160
-
-
-def cpu_chunk_size(meta_batch: int, examples_per_task: int) -> int:
-    """Tasks per ``scan`` chunk on CPU: the largest divisor of ``meta_batch`` up to
-    ``min(CPU_MAX_CHUNK_SIZE, CPU_CHUNK_EXAMPLES // examples_per_task)`` (at least 1).
-    """
-    limit = min(CPU_MAX_CHUNK_SIZE, max(1, CPU_CHUNK_EXAMPLES // examples_per_task))
-    return max(d for d in range(1, limit + 1) if meta_batch % d == 0)
-
-
-@dataclasses.dataclass(frozen=True)
-class FewShotConfig:
-    """Everything that defines a few-shot run (saved as ``config.json``)."""
-
-    preset: str
-    dataset: str
-    ways: int
-    shots: int
-    queries: int
-    meta_batch: int
-    inner_steps: int
-    inner_lr: float
-    test_inner_steps: int
-    algorithm: str = "maml"
-    steps: int = 60_000
-    outer_lr: float = 1e-3
-    grad_clip: float | None = None
-    seed: int = 0
-    norm: str = "transductive"
-    precision: str = "float32"  # or "bfloat16": compute dtype of Conv4
-    conv_impl: str | None = None  # None: "im2col" on CPU, "lax" elsewhere
-    batching: str | None = None  # None: "scan" on CPU, "vmap" elsewhere
-    chunk_size: int | None = None  # None: cpu_chunk_size for "scan"
-    eval_every: int = 1000
-    val_episodes: int = 200
-    checkpoint_every: int = 1000
-    steps_per_call: int = 50
-    filters: int | None = None  # None: the paper's 64 (Omniglot) / 32 (mini-ImageNet)
-    on_nonfinite: str = "stop"  # or "skip": skip a non-finite step and count it
-    # Also log query loss/accuracy before adaptation: one more query forward a step.
-    pre_adaptation_query: bool = False
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> FewShotConfig:
-        if name not in PRESETS:
-            raise ValueError(
-                f"unknown preset {name!r}; choose from {', '.join(PRESETS)}."
-            )
-        fields = {
-            **PRESETS[name],
-            **{k: v for k, v in overrides.items() if v is not None},
-        }
-        config = cls(preset=name, **fields)
-        config.validate()
-        return config
-
-    def validate(self) -> None:
-        if self.algorithm not in ALGORITHMS:
-            raise ValueError(
-                f"--algorithm {self.algorithm!r} is not available; choose from "
-                f"{', '.join(ALGORITHMS)}."
-            )
-        for name in (
-            "ways",
-            "shots",
-            "queries",
-            "meta_batch",
-            "inner_steps",
-            "test_inner_steps",
-            "val_episodes",
-            "checkpoint_every",
-            "steps_per_call",
-            "eval_every",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(
-                    f"--{name.replace('_', '-')} must be >= 1; got "
-                    f"{getattr(self, name)}."
-                )
-        if self.steps < 0:
-            raise ValueError(f"--steps must be >= 0; got {self.steps}.")
-        for name in ("filters", "chunk_size"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(
-                    f"--{name.replace('_', '-')} must be >= 1; got {value}."
-                )
-        if not 0 <= self.seed < 2**32:
-            raise ValueError(f"--seed must be in [0, 2**32); got {self.seed}.")
-        if self.conv_impl not in (None, "lax", "im2col"):
-            raise ValueError(
-                f"--conv-impl must be lax or im2col; got {self.conv_impl!r}."
-            )
-        if self.batching not in (None, *maml_jax.core.TASK_BATCHING):
-            raise ValueError(
-                f"--batching must be one of {', '.join(maml_jax.core.TASK_BATCHING)}; "
-                f"got {self.batching!r}."
-            )
-        if self.on_nonfinite not in ON_NONFINITE:
-            raise ValueError(
-                f"--on-nonfinite must be one of {', '.join(ON_NONFINITE)}; got "
-                f"{self.on_nonfinite!r}."
-            )
-        for name in ("inner_lr", "outer_lr"):
-            value = getattr(self, name)
-            if not np.isfinite(value) or value <= 0:
-                raise ValueError(
-                    f"--{name.replace('_', '-')} must be a finite "
-                    f"number > 0; got {value}."
-                )
-        for name in ("checkpoint_every", "eval_every"):
-            if getattr(self, name) % self.steps_per_call:
-                raise ValueError(
-                    f"--{name.replace('_', '-')} ({getattr(self, name)}) must be a "
-                    f"multiple of --steps-per-call ({self.steps_per_call})."
-                )
-        if self.precision not in ("float32", "bfloat16"):
-            raise ValueError("--precision must be float32 or bfloat16.")
-        if self.norm not in models.NORMS:
-            raise ValueError(f"--norm must be one of {models.NORMS}.")
-
-    @property
-    def spec(self) -> episodes.EpisodeSpec:
-        return episodes.EpisodeSpec(
-            self.ways, self.shots, self.queries, rotations=self.dataset == "omniglot"
-        )
-
-    def resolved(self, *, shard: bool = False) -> FewShotConfig:
-        """Fills backend-dependent defaults (fastest measured formulation).
-
-        With ``shard`` (tasks split over devices) the task batching is ``vmap``,
-        the only one XLA can split across devices.
-        """
-        cpu = jax.default_backend() == "cpu"
-        batching = self.batching or ("scan" if cpu and not shard else "vmap")
-        chunk = self.chunk_size
-        if chunk is None and batching != "vmap":
-            examples = self.ways * (self.shots + self.queries)
-            chunk = cpu_chunk_size(self.meta_batch, examples)
-        return dataclasses.replace(
-            self,
-            conv_impl=self.conv_impl or ("im2col" if cpu else "lax"),
-            batching=batching,
-            chunk_size=chunk,
-        )
 
 
 class TrainingInterrupted(Exception):
@@ -296,71 +56,8 @@ def load_classes(config: FewShotConfig, data_dir, split: str) -> np.ndarray:
     return datasets.load_miniimagenet(data_dir, name).images
 
 
-# The gradient learners of the sinusoid protocol, plus the metric baseline.
-ALGORITHMS = (*sinusoid.ALGORITHMS, "protonet")
-
-
-def _make_learner(config: FewShotConfig, model, loss_fn):
-    """The learner for ``config.algorithm``, with the paper-style defaults."""
-    common = dict(inner_lr=config.inner_lr, num_inner_steps=config.inner_steps)
-    name = config.algorithm
-    if name == "maml":
-        return maml_jax.maml(loss_fn, has_aux=True, **common)
-    if name == "fomaml":
-        return maml_jax.fomaml(loss_fn, has_aux=True, **common)
-    if name == "anil":  # only the linear head adapts
-        return maml_jax.anil(
-            loss_fn,
-            has_aux=True,
-            adapt_mask=lambda p: {k: k == "head" for k in p},
-            **common,
-        )
-    if name == "reptile":
-        return maml_jax.reptile(loss_fn, has_aux=True, **common)
-    if name == "meta_sgd":
-        return maml_jax.meta_sgd(loss_fn, has_aux=True, **common)
-    if name == "maml_plus_plus":
-        return maml_jax.maml_plus_plus(
-            loss_fn, has_aux=True, msl_anneal_steps=max(config.steps // 4, 1), **common
-        )
-    if name == "imaml":
-        return maml_jax.imaml(
-            loss_fn, has_aux=True, reg_lambda=2.0, cg_steps=5, **common
-        )
-    if name == "protonet":
-        # build_learner made ``model`` headless: its features are the embedding.
-        return maml_jax.protonet(
-            lambda p, x: model.apply({"params": p}, x), ways=config.ways
-        )
-    raise ValueError(f"--algorithm must be one of {', '.join(ALGORITHMS)}.")
-
-
-def build_learner(config: FewShotConfig, image_shape):
-    """Model, initial params, learner and outer optimizer for ``config``."""
-    omniglot = config.dataset == "omniglot"
-    model = models.Conv4(
-        num_classes=None if config.algorithm == "protonet" else config.ways,
-        filters=config.filters or (64 if omniglot else 32),
-        downsample="stride" if omniglot else "maxpool",
-        head="mean" if omniglot else "flatten",
-        norm=config.norm,
-        conv_impl=config.conv_impl or "lax",
-        dtype=None if config.precision == "float32" else jnp.bfloat16,
-    )
-    # Jitted: one compile instead of op-by-op dispatch (the same values).
-    params = jax.jit(model.init)(
-        jax.random.key(config.seed), jnp.zeros((2, *image_shape))
-    )
-    loss_fn = models.classification_loss(model.apply, loss_scale=config.ways)
-    learner = _make_learner(config, model, loss_fn)
-    tx = optax.adam(config.outer_lr)
-    if config.grad_clip:
-        tx = optax.chain(optax.clip(config.grad_clip), tx)
-    return model, params["params"], learner, tx
-
-
-# Fixed validation/test episodes, sampled in one compiled call (the same
-# episodes as op-by-op sampling, seconds faster).
+# Fixed validation/test episodes, sampled in one compiled call rather than op by
+# op (the same episodes, without dispatching every op from Python).
 _sample_episodes = jax.jit(episodes.sample_episodes, static_argnums=(2, 3))
 
 
@@ -534,7 +231,7 @@ def train(
     if stop_signal:
         raise TrainingInterrupted(stop_signal[0], int(state.step), out)
     if primary:
-        from maml_jax import plots
+        from maml_jax.app import plots
 
         plots.learning_curve(
             metrics_path,

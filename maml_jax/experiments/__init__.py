@@ -1,1 +1,0 @@
-"""Paper protocols as runnable experiments (used by the CLI and ``benchmarks/``)."""
