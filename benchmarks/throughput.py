@@ -20,7 +20,7 @@ For each (learner, workload, order, inner steps) it reports the median and the
 step, the compile time, tasks/s and the compiled step's temporary memory
 (``compiled.memory_analysis()``), one JSON line each (``--jsonl`` appends them to a
 file), then a table. On CPU the Conv4 workloads use im2col convolutions with tasks
-in a ``lax.scan`` over chunks of 2–4 (``presets.cpu_chunk_size``, the fastest
+in a ``lax.scan`` over chunks of 2–4 (``batching="auto"``, the fastest
 measured); elsewhere ``lax`` convolutions and ``vmap``.
 
 Command: ``python benchmarks/throughput.py --workloads sinusoid omniglot-5w1s
@@ -35,6 +35,7 @@ import os
 import resource
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -46,37 +47,31 @@ from benchmarks._timing import median_call_seconds, time_sampled_step
 from maml_jax import episodes, models
 from maml_jax.app import presets
 
+
+def _from_preset(name: str, **overrides: Any) -> dict[str, Any]:
+    """A workload with the episode shape and inner rate of a CLI preset."""
+    p = presets.PRESETS[name]
+    fields = ("ways", "shots", "queries", "meta_batch", "inner_lr")
+    return {"kind": p["dataset"], **{k: p[k] for k in fields}, **overrides}
+
+
 WORKLOADS = {
     "sinusoid": dict(kind="sinusoid", meta_batch=25, inner_lr=0.01),
-    "omniglot-5w1s": dict(
-        kind="omniglot", ways=5, shots=1, queries=1, meta_batch=32, inner_lr=0.4
-    ),
-    "omniglot-5w1s-q15": dict(
-        kind="omniglot", ways=5, shots=1, queries=15, meta_batch=32, inner_lr=0.4
-    ),
-    # The reference workload of ../shared/PERF-NOTES.md and issue 5: 2×2 max-pool
+    "omniglot-5w1s": _from_preset("omniglot-5w1s"),
+    "omniglot-5w1s-q15": _from_preset("omniglot-5w1s", queries=15),
+    # The reference workload of ../shared/PERF-NOTES.md: 2×2 max-pool
     # downsampling (as learn2learn's OmniglotCNN), 15 queries per class.
-    "omniglot-5w1s-q15-maxpool": dict(
-        kind="omniglot",
-        ways=5,
-        shots=1,
-        queries=15,
-        meta_batch=32,
-        inner_lr=0.4,
-        downsample="maxpool",
+    "omniglot-5w1s-q15-maxpool": _from_preset(
+        "omniglot-5w1s", queries=15, downsample="maxpool"
     ),
-    "omniglot-20w1s": dict(
-        kind="omniglot", ways=20, shots=1, queries=1, meta_batch=16, inner_lr=0.1
-    ),
-    "miniimagenet-5w1s": dict(
-        kind="miniimagenet", ways=5, shots=1, queries=15, meta_batch=4, inner_lr=0.01
-    ),
+    "omniglot-20w1s": _from_preset("omniglot-20w1s"),
+    "miniimagenet-5w1s": _from_preset("miniimagenet-5w1s"),
 }
 DEFAULT_OMNIGLOT_DIR = Path(
     os.environ.get("MAML_JAX_OMNIGLOT_DIR")
     or Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
 )
-LEARNERS = ("maml", "fomaml", "anil", "reptile", "meta_sgd", "imaml")
+LEARNERS = maml_jax.GRADIENT_LEARNERS
 
 
 def build(
@@ -130,28 +125,16 @@ def build(
             data = jax.random.uniform(jax.random.key(1), (100, 20, *shape))
             spec = episodes.EpisodeSpec(w["ways"], w["shots"], w["queries"])
         sampler = lambda key: episodes.sample_episodes(key, data, spec, w["meta_batch"])
-        batching = "scan" if cpu else "vmap"
-        examples = w["ways"] * (w["shots"] + w["queries"])
-        chunk = presets.cpu_chunk_size(w["meta_batch"], examples) if cpu else None
+        batching, chunk = "auto", None
     common = dict(inner_lr=w["inner_lr"], num_inner_steps=inner_steps, has_aux=has_aux)
-    if learner_name in ("maml", "fomaml"):
-        learner = maml_jax.maml(
-            loss_fn, first_order=first_order or learner_name == "fomaml", **common
-        )
-    elif learner_name == "anil":
+    if learner_name in ("maml", "anil", "meta_sgd"):
+        common["first_order"] = first_order
+    if learner_name == "anil":
         head = "head" if "head" in params else sorted(params)[-1]
-        learner = maml_jax.anil(
-            loss_fn,
-            adapt_mask={k: k == head for k in params},
-            first_order=first_order,
-            **common,
-        )
-    elif learner_name == "reptile":
-        learner = maml_jax.reptile(loss_fn, **common)
-    elif learner_name == "meta_sgd":
-        learner = maml_jax.meta_sgd(loss_fn, first_order=first_order, **common)
-    else:
-        learner = maml_jax.imaml(loss_fn, reg_lambda=2.0, cg_steps=5, **common)
+        common["adapt_mask"] = {k: k == head for k in params}
+    if learner_name == "imaml":
+        common.update(reg_lambda=2.0, cg_steps=5)
+    learner = maml_jax.make_learner(learner_name, loss_fn, **common)
     state = maml_jax.MetaTrainState.create(
         params=params,
         learner=learner,

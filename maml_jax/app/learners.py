@@ -19,54 +19,35 @@ from maml_jax import MetaLearner, models
 if TYPE_CHECKING:
     from maml_jax.app.presets import FewShotConfig
 
-# The gradient learners, which the sinusoid protocol runs ...
-REGRESSION_ALGORITHMS = (
-    "maml",
-    "fomaml",
-    "anil",
-    "reptile",
-    "meta_sgd",
-    "maml_plus_plus",
-    "imaml",
-)
-# ... plus the metric baseline for few-shot classification (it has no
-# regression form).
-ALGORITHMS = (*REGRESSION_ALGORITHMS, "protonet")
+# The gradient learners, which the sinusoid protocol runs, plus the metric
+# baseline for few-shot classification (it has no regression form).
+REGRESSION_ALGORITHMS = maml_jax.GRADIENT_LEARNERS
+ALGORITHMS = tuple(maml_jax.LEARNERS)
+
+# Each protocol's settings beyond the shared inner_lr / num_inner_steps.
+_FEW_SHOT_EXTRA = {
+    "imaml": dict(reg_lambda=2.0, cg_steps=5),
+}
 
 
 def _make_learner(config: FewShotConfig, model, loss_fn):
     """The learner for ``config.algorithm``, with the paper-style defaults."""
-    common = dict(inner_lr=config.inner_lr, num_inner_steps=config.inner_steps)
     name = config.algorithm
-    if name == "maml":
-        return maml_jax.maml(loss_fn, has_aux=True, **common)
-    if name == "fomaml":
-        return maml_jax.fomaml(loss_fn, has_aux=True, **common)
-    if name == "anil":  # only the linear head adapts
-        return maml_jax.anil(
-            loss_fn,
-            has_aux=True,
-            adapt_mask=lambda p: {k: k == "head" for k in p},
-            **common,
-        )
-    if name == "reptile":
-        return maml_jax.reptile(loss_fn, has_aux=True, **common)
-    if name == "meta_sgd":
-        return maml_jax.meta_sgd(loss_fn, has_aux=True, **common)
-    if name == "maml_plus_plus":
-        return maml_jax.maml_plus_plus(
-            loss_fn, has_aux=True, msl_anneal_steps=max(config.steps // 4, 1), **common
-        )
-    if name == "imaml":
-        return maml_jax.imaml(
-            loss_fn, has_aux=True, reg_lambda=2.0, cg_steps=5, **common
-        )
     if name == "protonet":
         # build_learner made ``model`` headless: its features are the embedding.
-        return maml_jax.protonet(
-            lambda p, x: model.apply({"params": p}, x), ways=config.ways
-        )
-    raise ValueError(f"--algorithm must be one of {', '.join(ALGORITHMS)}.")
+        embed = lambda p, x: model.apply({"params": p}, x)
+        return maml_jax.make_learner(name, embed, ways=config.ways)
+    kwargs = dict(
+        inner_lr=config.inner_lr,
+        num_inner_steps=config.inner_steps,
+        has_aux=True,
+        **_FEW_SHOT_EXTRA.get(name, {}),
+    )
+    if name == "anil":  # only the linear head adapts
+        kwargs["adapt_mask"] = lambda p: {k: k == "head" for k in p}
+    if name == "maml_plus_plus":
+        kwargs["msl_anneal_steps"] = max(config.steps // 4, 1)
+    return maml_jax.make_learner(name, loss_fn, **kwargs)
 
 
 def build_learner(config: FewShotConfig, image_shape):
@@ -100,21 +81,10 @@ def make_learner(args, loss_fn, params) -> MetaLearner:
     (30 proximal gradient steps at 1e-3 with λ = 100, so that I + H/λ stays
     positive definite on this MLP); its test-time curve is that solver's.
     """
-    common = dict(inner_lr=args.inner_lr, num_inner_steps=args.inner_steps)
+    kwargs = dict(inner_lr=args.inner_lr, num_inner_steps=args.inner_steps)
     if args.algorithm == "imaml":
-        return maml_jax.imaml(
-            loss_fn, inner_lr=1e-3, num_inner_steps=30, reg_lambda=100.0, cg_steps=5
-        )
+        kwargs = dict(inner_lr=1e-3, num_inner_steps=30, reg_lambda=100.0, cg_steps=5)
     if args.algorithm == "anil":
         head = sorted(params)[-1]
-        return maml_jax.anil(
-            loss_fn, adapt_mask={k: k == head for k in params}, **common
-        )
-    factory = {
-        "maml": maml_jax.maml,
-        "fomaml": maml_jax.fomaml,
-        "reptile": maml_jax.reptile,
-        "meta_sgd": maml_jax.meta_sgd,
-        "maml_plus_plus": maml_jax.maml_plus_plus,
-    }[args.algorithm]
-    return factory(loss_fn, **common)
+        kwargs["adapt_mask"] = {k: k == head for k in params}
+    return maml_jax.make_learner(args.algorithm, loss_fn, **kwargs)

@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 import maml_jax
-from maml_jax import episodes, models
+from maml_jax import core, episodes, models
 from maml_jax.app.learners import ALGORITHMS
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -107,21 +107,6 @@ SPLITS = {
 ON_NONFINITE = {"stop": "raise", "skip": "skip"}
 
 
-# Tasks per chunk of the CPU "scan" batching: at most 4 tasks and about 160
-# examples a chunk, a rule that picks the fastest chunk on each few-shot workload
-# compared in benchmarks/README.md.
-CPU_MAX_CHUNK_SIZE = 4
-CPU_CHUNK_EXAMPLES = 160
-
-
-def cpu_chunk_size(meta_batch: int, examples_per_task: int) -> int:
-    """Tasks per ``scan`` chunk on CPU: the largest divisor of ``meta_batch`` up to
-    ``min(CPU_MAX_CHUNK_SIZE, CPU_CHUNK_EXAMPLES // examples_per_task)`` (at least 1).
-    """
-    limit = min(CPU_MAX_CHUNK_SIZE, max(1, CPU_CHUNK_EXAMPLES // examples_per_task))
-    return max(d for d in range(1, limit + 1) if meta_batch % d == 0)
-
-
 @dataclasses.dataclass(frozen=True)
 class FewShotConfig:
     """Everything that defines a few-shot run (saved as ``config.json``)."""
@@ -144,7 +129,7 @@ class FewShotConfig:
     precision: str = "float32"  # or "bfloat16": compute dtype of Conv4
     conv_impl: str | None = None  # None: "im2col" on CPU, "lax" elsewhere
     batching: str | None = None  # None: "scan" on CPU, "vmap" elsewhere
-    chunk_size: int | None = None  # None: cpu_chunk_size for "scan"
+    chunk_size: int | None = None  # None: core.cpu_chunk_size for "scan"
     eval_every: int = 1000
     val_episodes: int = 200
     checkpoint_every: int = 1000
@@ -250,7 +235,7 @@ class FewShotConfig:
         chunk = self.chunk_size
         if chunk is None and batching != "vmap":
             examples = self.ways * (self.shots + self.queries)
-            chunk = cpu_chunk_size(self.meta_batch, examples)
+            chunk = core.cpu_chunk_size(self.meta_batch, examples)
         return dataclasses.replace(
             self,
             conv_impl=self.conv_impl or ("im2col" if cpu else "lax"),

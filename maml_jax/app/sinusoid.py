@@ -54,13 +54,20 @@ def pretrained_baseline(loss_fn, *, inner_lr: float) -> MetaLearner:
     fine-tunes with SGD at ``inner_lr`` like MAML at test time.
     """
 
+    optimizer = optax.sgd(inner_lr)
+
     def init(params):
         return params
 
-    def adapt(params, support):
-        return params
+    def adapt(params, support, *, num_steps=None):
+        if num_steps is None:  # trained without an inner loop
+            return params
+        return core.inner_loop(
+            loss_fn, params, support, optimizer=optimizer, num_steps=num_steps
+        )[0]
 
-    def meta_loss(params, task: Task):
+    def meta_loss(params, task: Task, *, outer_step=None):
+        del outer_step
         pooled = jax.tree.map(
             lambda s, q: jnp.concatenate([s, q]), task.support, task.query
         )
@@ -68,7 +75,7 @@ def pretrained_baseline(loss_fn, *, inner_lr: float) -> MetaLearner:
 
     def adaptation_curve(params, task, num_steps):
         return core.adaptation_curve(
-            loss_fn, params, task, inner_lr=inner_lr, num_steps=num_steps
+            loss_fn, params, task, optimizer=optimizer, num_steps=num_steps
         )
 
     return MetaLearner(init, adapt, meta_loss, adaptation_curve)
@@ -193,7 +200,7 @@ def plot(path, apply_fn, results_params, learners, args, inner_lr):
                 grads = jax.grad(maml_jax.regression_loss(apply_fn))(
                     params, task.support
                 )
-                params = maml_jax.sgd_update(params, grads, inner_lr)
+                params = jax.tree.map(lambda p, g: p - inner_lr * g, params, grads)
                 curves[step] = params
             styles = {
                 0: ("pre-update", ":"),
