@@ -120,8 +120,7 @@ def train_step(
       pre_adaptation_query: also report the learner's query metrics before
         adaptation (``query_loss_pre``, ``query_<key>_pre``). They cost one more
         forward pass over every query set, which the meta-gradient does not
-        need (15% of an Omniglot 5-way 15-query step), so by default they are
-        dropped and XLA removes that pass. The update is the same either way.
+        need, so by default they are dropped and XLA removes that pass. The update is the same either way.
 
     Returns:
       ``(new_state, metrics)`` with scalar metrics: ``loss``, ``grad_norm`` and
@@ -203,8 +202,8 @@ def scan_train_steps(
     ``presample=True`` draws every step's tasks before the scan, with the
     sampler ``vmap``-ed over the steps' keys: the same tasks, bit for bit, but
     one PRNG call for the whole chunk instead of one per step (on CPU each
-    threefry call is a rolled loop; this takes a scanned sinusoid meta-step from
-    0.49 to 0.40 ms). It holds ``num_steps`` batches at once, so the default
+    threefry call is a rolled loop, a large share of a small model's step). It
+    holds ``num_steps`` batches at once, so the default
     (``None``) presamples only when they fit in ``PRESAMPLE_MAX_BYTES``; pass
     ``False`` for a sampler that cannot be ``vmap``-ed.
 

@@ -79,3 +79,36 @@ def mlp_loss_with_aux(params, batch):
     x, y = batch
     error = mlp_apply(params, x) - y
     return jnp.mean(error**2), {"mae": jnp.mean(jnp.abs(error))}
+
+
+# Small but real: paper 5-way 1-shot episodes, a smaller meta-batch for speed.
+CLI_SMALL_ARGS = [
+    "--preset",
+    "omniglot-5w1s",
+    "--meta-batch",
+    "4",
+    "--val-episodes",
+    "8",
+    "--steps-per-call",
+    "2",
+    "--eval-every",
+    "2",
+    "--checkpoint-every",
+    "2",
+    "--no-progress",
+]
+
+
+def final_params(run_dir):
+    """The restored checkpoint (state and step) of a ``maml-jax train`` run."""
+    import json
+
+    import maml_jax
+    from maml_jax.app import learners, presets
+    from maml_jax.checkpoint import Checkpointer
+
+    config = presets.FewShotConfig(**json.loads((run_dir / "config.json").read_text()))
+    _, params, learner, tx = learners.build_learner(config, (28, 28, 1))
+    template = maml_jax.MetaTrainState.create(params=params, learner=learner, tx=tx)
+    with Checkpointer(run_dir / "checkpoints") as checkpointer:
+        return checkpointer.restore(template)

@@ -9,24 +9,10 @@ import jax
 import numpy as np
 import pytest
 
-from maml_jax.app import cli, learners, presets
+from maml_jax.app import cli, presets
+from tests import helpers
 
-# Small but real: paper 5-way 1-shot episodes, a smaller meta-batch for speed.
-SMALL = [
-    "--preset",
-    "omniglot-5w1s",
-    "--meta-batch",
-    "4",
-    "--val-episodes",
-    "8",
-    "--steps-per-call",
-    "2",
-    "--eval-every",
-    "2",
-    "--checkpoint-every",
-    "2",
-    "--no-progress",
-]
+SMALL = helpers.CLI_SMALL_ARGS
 
 
 def _train(omniglot_dir, out, *extra):
@@ -34,16 +20,7 @@ def _train(omniglot_dir, out, *extra):
     assert cli.main(argv) == 0
 
 
-def _final_params(run_dir):
-    from maml_jax.checkpoint import Checkpointer
-
-    config = presets.FewShotConfig(**json.loads((run_dir / "config.json").read_text()))
-    _, params, learner, tx = learners.build_learner(config, (28, 28, 1))
-    import maml_jax
-
-    template = maml_jax.MetaTrainState.create(params=params, learner=learner, tx=tx)
-    with Checkpointer(run_dir / "checkpoints") as checkpointer:
-        return checkpointer.restore(template)
+_final_params = helpers.final_params
 
 
 @pytest.mark.slow

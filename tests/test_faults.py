@@ -12,7 +12,9 @@ import jax
 import numpy as np
 import pytest
 
-from tests.test_cli import SMALL, _final_params
+from tests import helpers
+
+SMALL, _final_params = helpers.CLI_SMALL_ARGS, helpers.final_params
 
 STEPS = 40
 RUN = [*SMALL, "--steps", str(STEPS), "--eval-every", "40", "--checkpoint-every", "2"]

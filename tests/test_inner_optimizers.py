@@ -159,7 +159,7 @@ def test_inner_optimizer_reaches_every_gradient_learner(factory):
     task = helpers.task_at(_tasks(4), 0)
     phi = learner.adapt(_params(4), task.support)
     if factory is maml_jax.imaml:
-        return  # a proximal objective: checked in test_implicit
+        return  # a proximal objective: checked in test_imaml
     expected, state = _params(4), tx.init(_params(4))
     for _ in range(STEPS):
         g = jax.grad(helpers.mlp_loss)(expected, task.support)

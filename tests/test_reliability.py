@@ -25,7 +25,8 @@ import maml_jax
 from maml_jax.app import cli, learners, presets, runs
 from maml_jax.checkpoint import Checkpointer
 from tests import helpers
-from tests.test_cli import _final_params
+
+_final_params = helpers.final_params
 
 # --- non-finite steps in ``fit``: a linear model, NaN injected at chosen steps ---
 
