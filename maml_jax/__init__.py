@@ -10,6 +10,7 @@ from maml_jax.core import (
     predict,
 )
 from maml_jax.episodes import EpisodeSpec, sample_episode, sample_episodes
+from maml_jax.evaluation import evaluate, summarize_curves
 from maml_jax.learners import (
     GRADIENT_LEARNERS,
     LEARNERS,
@@ -41,11 +42,9 @@ from maml_jax.tasks import (
 from maml_jax.train import (
     MetaTrainState,
     StopTraining,
-    evaluate,
     fit,
     meta_train_step,
     scan_train_steps,
-    summarize_curves,
     train_step,
 )
 from maml_jax.types import (

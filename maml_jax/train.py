@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
-import math
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -16,8 +14,7 @@ import numpy as np
 import optax
 from flax import struct
 
-from maml_jax import _validation, core
-from maml_jax.metrics import mean_ci95
+from maml_jax import _fit_log, _validation, core
 from maml_jax.types import Aux, MetaLearner, MetaParams, Params, Task
 
 TaskSampler = Callable[[jax.Array], Task]
@@ -120,7 +117,8 @@ def train_step(
       pre_adaptation_query: also report the learner's query metrics before
         adaptation (``query_loss_pre``, ``query_<key>_pre``). They cost one more
         forward pass over every query set, which the meta-gradient does not
-        need, so by default they are dropped and XLA removes that pass. The update is the same either way.
+        need, so by default they are dropped and XLA removes that pass. The
+        update is the same either way.
 
     Returns:
       ``(new_state, metrics)`` with scalar metrics: ``loss``, ``grad_norm`` and
@@ -234,52 +232,6 @@ def _batch_bytes(sample_tasks: TaskSampler, key: jax.Array) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
 
 
-def evaluate(
-    learner: MetaLearner,
-    meta_params: MetaParams,
-    tasks: Task,
-    *,
-    num_steps: int,
-    batch_size: int | None = None,
-) -> dict[str, np.ndarray]:
-    """Adaptation curves on a fixed set of test tasks (runs jitted, on device).
-
-    Args:
-      learner: the learner whose ``adaptation_curve`` is evaluated.
-      meta_params: meta-parameters to adapt from.
-      tasks: test tasks with a leading task axis of length ``T``.
-      num_steps: inner steps at test time (the curve covers ``0..num_steps``).
-      batch_size: tasks evaluated at once (bounds memory); default all.
-
-    Returns:
-      Per-task arrays of shape ``(T, num_steps + 1)`` for each metric (e.g.
-      ``query_loss``, ``query_accuracy``), as NumPy arrays.
-    """
-    num_tasks = _validation.check_task_batch(tasks, "evaluate")
-    num_steps = _validation.check_positive_int("num_steps", num_steps)
-    batch_size = num_tasks if batch_size is None else min(batch_size, num_tasks)
-    curves = _evaluate_jit(learner, meta_params, tasks, num_steps, batch_size)
-    return {k: np.asarray(v) for k, v in curves.items()}
-
-
-@functools.partial(jax.jit, static_argnums=(0, 3, 4))
-def _evaluate_jit(learner, meta_params, tasks, num_steps, batch_size):
-    curve = functools.partial(learner.adaptation_curve, num_steps=num_steps)
-    return jax.lax.map(
-        lambda task: curve(meta_params, task), tasks, batch_size=batch_size
-    )
-
-
-def summarize_curves(curves: Mapping[str, np.ndarray]) -> dict[str, list[float]]:
-    """``{metric: per-step mean}`` and ``{metric_ci95: per-step half-width}``."""
-    summary = {}
-    for name, values in curves.items():
-        mean, ci = mean_ci95(values, axis=0)
-        summary[name] = mean.tolist()
-        summary[f"{name}_ci95"] = ci.tolist()
-    return summary
-
-
 def fit(
     state: MetaTrainState,
     sample_tasks: TaskSampler,
@@ -345,7 +297,7 @@ def fit(
     _check_nonfinite(nonfinite)
     num_tasks = _num_tasks(sample_tasks, key)
     log = open(metrics_path, "a") if metrics_path is not None else None  # noqa: SIM115
-    bar = _progress_bar(progress, int(state.step), num_steps)
+    bar = _fit_log.progress_bar(progress, int(state.step), num_steps)
     last_eval = int(state.step)
     try:
         while int(state.step) < num_steps:
@@ -362,11 +314,11 @@ def fit(
             seconds = time.perf_counter() - t0
             step = int(state.step)
             if nonfinite == "raise":
-                _raise_if_nonfinite(metrics, start)
+                _fit_log.raise_if_nonfinite(metrics, start)
                 applied = np.ones(chunk, bool)
             else:
                 applied = ~np.asarray(metrics.pop("skipped"), bool)
-            record: dict[str, Any] = {"step": step, **_means(metrics, applied)}
+            record: dict[str, Any] = {"step": step, **_fit_log.means(metrics, applied)}
             if nonfinite == "skip":
                 record["skipped_steps"] = int(state.skipped_steps)
             record["tasks_per_s"] = chunk * num_tasks / seconds
@@ -376,10 +328,10 @@ def fit(
                     {f"eval/{k}": float(v) for k, v in eval_fn(state).items()}
                 )
                 last_eval = step
-            _write(log, record)
+            _fit_log.write(log, record)
             if bar is not None:
                 bar.update(chunk)
-                bar.set_postfix(_bar_fields(record))
+                bar.set_postfix(_fit_log.bar_fields(record))
             for callback in callbacks:
                 callback(state, record)
     except StopTraining:
@@ -392,38 +344,12 @@ def fit(
     return state
 
 
-def _means(metrics: Mapping[str, np.ndarray], applied: np.ndarray) -> dict:
-    """Each metric's mean over the applied steps (NaN if every step was skipped)."""
-    if not applied.any():
-        return {k: math.nan for k in metrics}
-    return {k: float(np.mean(np.asarray(v)[applied])) for k, v in metrics.items()}
-
-
 def _check_nonfinite(nonfinite: str) -> None:
     if nonfinite not in NONFINITE:
         raise ValueError(
             f"nonfinite must be one of {', '.join(map(repr, NONFINITE))}; "
             f"got {nonfinite!r}."
         )
-
-
-def _raise_if_nonfinite(metrics: Mapping[str, np.ndarray], start: int) -> None:
-    """Raises ``FloatingPointError`` at the chunk's first non-finite step."""
-    loss = np.asarray(metrics["loss"], np.float64)
-    norm = np.asarray(metrics["grad_norm"], np.float64)
-    bad = ~(np.isfinite(loss) & np.isfinite(norm))
-    if not bad.any():
-        return
-    i = int(np.argmax(bad))
-    step = start + i + 1
-    if not np.isfinite(loss[i]):
-        what = f"meta-loss became {loss[i]} at step {step}"
-    else:
-        what = (
-            f"meta-gradient norm became {norm[i]} at step {step} "
-            f"(meta-loss {loss[i]:.6g})"
-        )
-    raise FloatingPointError(f"{what}; lower the learning rates or check the data.")
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4, 5), donate_argnums=0)
@@ -440,33 +366,6 @@ def _scan_train_steps_jit(
     )
 
 
-def _bar_fields(record: dict[str, Any]) -> dict[str, str]:
-    fields = {"loss": f"{record['loss']:.4g}"}
-    if "query_accuracy_post" in record:
-        fields["acc"] = f"{record['query_accuracy_post']:.3f}"
-    if "skipped_steps" in record:
-        fields["skipped"] = str(record["skipped_steps"])
-    for name, value in record.items():
-        if name.startswith("eval/"):
-            fields[name[5:]] = f"{value:.4g}"
-    fields["tasks/s"] = f"{record['tasks_per_s']:.0f}"
-    return fields
-
-
 def _num_tasks(sample_tasks: TaskSampler, key: jax.Array) -> int:
     shapes = jax.eval_shape(sample_tasks, key)
     return jax.tree.leaves(shapes)[0].shape[0]
-
-
-def _write(log, record: dict[str, Any]) -> None:
-    if log is not None:
-        log.write(json.dumps(record) + "\n")
-        log.flush()
-
-
-def _progress_bar(enabled: bool, start: int, total: int):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
