@@ -34,11 +34,11 @@ the others.
 The meta-batch must divide by the number of devices; otherwise a ``ValueError``
 names both numbers (tasks are never dropped or padded silently).
 
-Only ``batching="vmap"`` (the default of ``MetaTrainState``) is split across
-devices: ``"scan"``/``"unroll"`` chunking loops over the task axis, which XLA
-cannot partition (every device would gather and process all tasks), so the
-sharded steps refuse it with a ``ValueError`` when the mesh has more than one
-device.
+Only ``batching="vmap"`` is split across devices (``"auto"``, the default of
+``MetaTrainState``, resolves to it when there is more than one device):
+``"scan"``/``"unroll"`` chunking loops over the task axis, which XLA cannot
+partition (every device would gather and process all tasks), so the sharded
+steps refuse it with a ``ValueError`` when the mesh has more than one device.
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ from importlib.metadata import version
 import jax
 import numpy as np
 
+import maml_jax
 from benchmarks import throughput
 from benchmarks._timing import time_sampled_step
 from benchmarks.peers.common import WORKLOADS
@@ -48,6 +49,9 @@ def measure(
     )
     compile_s, times, temp_mb = time_sampled_step(state, sampler, steps, steps_per_call)
     median = float(np.median(times))
+    batching, chunk = state.batching, state.chunk_size
+    if batching == "auto":
+        batching, chunk = maml_jax.auto_batching(sampler(jax.random.key(0)))
     return {
         "impl": ("maml_jax" if steps_per_call == 1 else "maml_jax-scan")
         + ("-bf16" if precision == "bfloat16" else ""),
@@ -68,8 +72,8 @@ def measure(
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "threads": os.cpu_count(),
         "formulation": {
-            "batching": state.batching,
-            "chunk_size": state.chunk_size,
+            "batching": batching,
+            "chunk_size": chunk,
             "backend": jax.default_backend(),
         },
         "versions": {
