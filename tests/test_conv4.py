@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import maml_jax
-from maml_jax import models
+from maml_jax import models, ops
 
 
 @pytest.mark.parametrize(
@@ -32,8 +32,8 @@ def test_im2col_convolution_equals_lax(stride, size):
     x = jax.random.normal(kx, (2, size, size, 3), jnp.float64)
     kernel = jax.random.normal(kk, (3, 3, 3, 4), jnp.float64)
     np.testing.assert_allclose(
-        models.conv2d(x, kernel, stride=stride, impl="im2col"),
-        models.conv2d(x, kernel, stride=stride, impl="lax"),
+        ops.conv2d(x, kernel, stride=stride, impl="im2col"),
+        ops.conv2d(x, kernel, stride=stride, impl="lax"),
         rtol=1e-12,
         atol=1e-12,
     )
@@ -48,13 +48,13 @@ def test_row_patch_convolution_equals_lax_to_second_order(kernel_hw):
     x = jax.random.normal(kx, (2, 6, 5, 8), jnp.float64)
     kernel = jax.random.normal(kk, (*kernel_hw, 8, 3), jnp.float64)
     np.testing.assert_allclose(
-        models.conv2d(x, kernel, stride=1, impl="im2col"),
-        models.conv2d(x, kernel, stride=1, impl="lax"),
+        ops.conv2d(x, kernel, stride=1, impl="im2col"),
+        ops.conv2d(x, kernel, stride=1, impl="lax"),
         rtol=1e-12,
         atol=1e-12,
     )
     jax.test_util.check_grads(
-        lambda x, k: models.conv2d(x, k, stride=1, impl="im2col"),
+        lambda x, k: ops.conv2d(x, k, stride=1, impl="im2col"),
         (x, kernel),
         order=2,
         modes=["rev"],
@@ -69,7 +69,7 @@ def test_patch_matmul_gradients(k, f):
     patches = jax.random.normal(kp, (2, 5, k), jnp.float64)
     kernel = jax.random.normal(kk, (k, f), jnp.float64)
     jax.test_util.check_grads(
-        lambda p, w: jnp.sum(jnp.tanh(models.patch_matmul(p, w))),
+        lambda p, w: jnp.sum(jnp.tanh(ops.patch_matmul(p, w))),
         (patches, kernel),
         order=2,
         modes=["rev"],
@@ -91,11 +91,11 @@ def _tied_images():
 @pytest.mark.parametrize("tied", [False, True])
 def test_max_pool_equals_reduce_window_in_value_and_gradient(tied):
     x = _tied_images() if tied else jax.random.normal(jax.random.key(2), (2, 11, 10, 3))
-    np.testing.assert_array_equal(models.max_pool_2x2(x), _reduce_window_max_pool(x))
+    np.testing.assert_array_equal(ops.max_pool_2x2(x), _reduce_window_max_pool(x))
     # select_and_scatter (reduce_window's transpose) routes each window's cotangent to
     # its first maximal member, as PyTorch's MaxPool2d does; so must the custom vjp.
     g = jax.random.normal(jax.random.key(4), (2, 5, 5, 3), jnp.float64)
-    ours = jax.vjp(models.max_pool_2x2, x)[1](g)[0]
+    ours = jax.vjp(ops.max_pool_2x2, x)[1](g)[0]
     ref = jax.vjp(_reduce_window_max_pool, x)[1](g)[0]
     np.testing.assert_array_equal(ours, ref)
     if tied:  # each window's cotangent lands exactly once
@@ -105,12 +105,12 @@ def test_max_pool_equals_reduce_window_in_value_and_gradient(tied):
 def test_max_pool_second_order_gradients_and_vmap():
     x = jax.random.normal(jax.random.key(5), (2, 6, 7, 2), jnp.float64)
     jax.test_util.check_grads(
-        lambda x: jnp.sum(jnp.sin(models.max_pool_2x2(x))),
+        lambda x: jnp.sum(jnp.sin(ops.max_pool_2x2(x))),
         (x,),
         order=2,
         modes=["rev"],
     )
-    batched = jax.vmap(jax.grad(lambda x: jnp.sum(models.max_pool_2x2(x) ** 2)))
+    batched = jax.vmap(jax.grad(lambda x: jnp.sum(ops.max_pool_2x2(x) ** 2)))
     xs = jnp.stack([x, 2 * x])
     looped = [
         jax.grad(lambda x: jnp.sum(_reduce_window_max_pool(x) ** 2))(v) for v in xs
@@ -123,7 +123,7 @@ def test_max_pool_propagates_nan_from_any_window_member():
     # Window (0, 0) gets a NaN at member c of channel c; window (1, 1) stays finite.
     for c, (i, j) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
         x = x.at[0, i, j, c].set(jnp.nan)
-    pooled = models.max_pool_2x2(x)
+    pooled = ops.max_pool_2x2(x)
     assert bool(jnp.all(jnp.isnan(pooled[0, 0, 0])))
     np.testing.assert_array_equal(pooled[0, 1, 1], _reduce_window_max_pool(x)[0, 1, 1])
 
@@ -150,10 +150,8 @@ def test_max_pool_second_order_follows_the_first_maximum_on_ties():
     grad_of = lambda pool: jax.grad(lambda x: jnp.sum(weights * jnp.sin(pool(x))))
     v = jax.random.normal(jax.random.key(9), x.shape, jnp.float64)
     hvp = lambda pool: jax.grad(lambda x: jnp.vdot(grad_of(pool)(x), v))(x)
-    np.testing.assert_allclose(
-        hvp(models.max_pool_2x2), hvp(reference_pool), rtol=1e-12
-    )
-    np.testing.assert_array_equal(models.max_pool_2x2(x), reference_pool(x))
+    np.testing.assert_allclose(hvp(ops.max_pool_2x2), hvp(reference_pool), rtol=1e-12)
+    np.testing.assert_array_equal(ops.max_pool_2x2(x), reference_pool(x))
 
 
 def _task(key, ways=3, image=(16, 16, 1)):
@@ -228,6 +226,54 @@ def test_normalisation_modes():
         models.Conv4(num_classes=2, norm="batch").init(jax.random.key(0), x)
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="'auto' on CPU")
+@pytest.mark.parametrize(
+    "kwargs,image",
+    [
+        (dict(), (28, 28, 1)),  # every default: Omniglot's network
+        (dict(filters=8, downsample="maxpool", head="flatten"), (16, 16, 3)),
+    ],
+)
+def test_default_conv_impl_is_im2col_on_cpu(kwargs, image):
+    # The default "auto" resolves to "im2col" on CPU: the same parameters, and
+    # bit for bit the same logits and gradients.
+    x = jax.random.normal(jax.random.key(7), (3, *image), jnp.float32)
+    labels = jnp.arange(3)
+    default = models.Conv4(num_classes=3, **kwargs)
+    im2col = models.Conv4(num_classes=3, conv_impl="im2col", **kwargs)
+    assert default.conv_impl == "auto"
+    params = default.init(jax.random.key(0), x)["params"]
+    chex.assert_trees_all_equal(params, im2col.init(jax.random.key(0), x)["params"])
+    np.testing.assert_array_equal(
+        default.apply({"params": params}, x), im2col.apply({"params": params}, x)
+    )
+
+    def grads(model):
+        loss = models.classification_loss(model.apply)
+        return jax.jit(jax.grad(lambda p: loss(p, (x, labels))[0]))(params)
+
+    chex.assert_trees_all_equal(grads(default), grads(im2col))
+
+
+def test_resolve_conv_impl_follows_the_default_backend(monkeypatch):
+    assert ops.resolve_conv_impl("lax") == "lax"
+    assert ops.resolve_conv_impl("im2col") == "im2col"
+    for backend, impl in (("cpu", "im2col"), ("gpu", "lax"), ("tpu", "lax")):
+        monkeypatch.setattr(jax, "default_backend", lambda b=backend: b)
+        assert ops.resolve_conv_impl("auto") == impl
+
+
+def test_unknown_conv_impl_is_a_clear_error():
+    x = jnp.zeros((2, 12, 12, 1))
+    message = r"conv_impl must be one of \('auto', 'lax', 'im2col'\); got 'cudnn'"
+    with pytest.raises(ValueError, match=message):
+        models.Conv4(num_classes=2, filters=4, conv_impl="cudnn").init(
+            jax.random.key(0), x
+        )
+    with pytest.raises(ValueError, match=message):
+        ops.conv2d(x, jnp.zeros((3, 3, 1, 4)), stride=1, impl="cudnn")
+
+
 def test_bfloat16_compute_keeps_float32_params_and_logits():
     x = jax.random.uniform(jax.random.key(6), (4, 28, 28, 1), jnp.float32)
     full = models.Conv4(num_classes=5, conv_impl="im2col")
@@ -258,11 +304,11 @@ def test_bfloat16_convolution_accumulates_in_float32(impl, c_in, stride):
     kx, kk = jax.random.split(jax.random.key(8))
     x = jax.random.normal(kx, (2, 6, 5, c_in), jnp.float32)
     kernel = jax.random.normal(kk, (3, 3, c_in, 4), jnp.float32)
-    out = models.conv2d(
+    out = ops.conv2d(
         x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), stride=stride, impl=impl
     )
     assert out.dtype == jnp.float32
-    ref = models.conv2d(_bf16_round(x), _bf16_round(kernel), stride=stride, impl="lax")
+    ref = ops.conv2d(_bf16_round(x), _bf16_round(kernel), stride=stride, impl="lax")
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -277,9 +323,7 @@ def test_bfloat16_convolution_gradients_to_second_order(c_in, stride):
     target = _bf16_round(jax.random.normal(kg, (2, 6 // stride, -(-5 // stride), 4)))
 
     def loss(x, k, dtype):
-        out = models.conv2d(
-            x.astype(dtype), k.astype(dtype), stride=stride, impl="im2col"
-        )
+        out = ops.conv2d(x.astype(dtype), k.astype(dtype), stride=stride, impl="im2col")
         return jnp.sum((out - target) ** 2)
 
     def grad_norm(x, k, dtype):  # second order: the gradient of a gradient norm
@@ -311,7 +355,7 @@ def test_standardize_matches_autodiff_of_the_formula_to_second_order(axes):
     kx, kr = jax.random.split(jax.random.key(5))
     x = 2.0 * jax.random.normal(kx, (3, 4, 5, 6), jnp.float64) + 1.0
     weights = jax.random.normal(kr, x.shape, jnp.float64)
-    ours = lambda x: models.standardize(x, axes, 1e-5)  # noqa: E731
+    ours = lambda x: ops.standardize(x, axes, 1e-5)  # noqa: E731
     np.testing.assert_allclose(ours(x), textbook(x), rtol=1e-12, atol=1e-12)
 
     def gradient_norm(norm):
@@ -345,7 +389,7 @@ def test_patch_batch_norm_matches_the_textbook_to_second_order():
     offset = jax.random.normal(keys[3], (6,), jnp.float64)
     weights = jax.random.normal(keys[4], (3, 4, 5, 6), jnp.float64)
     args = (patches, kernel, scale, offset)
-    ours = lambda *a: models.patch_batch_norm(*a, 1e-5)  # noqa: E731
+    ours = lambda *a: ops.patch_batch_norm(*a, 1e-5)  # noqa: E731
     np.testing.assert_allclose(
         ours(*args), _batch_norm_of_conv(*args), rtol=1e-12, atol=1e-12
     )
@@ -372,15 +416,15 @@ def test_patch_batch_norm_float32_statistics_on_omniglot(omniglot_dir, dataset_c
     # Real strokes make strongly correlated 3x3 patches (covariance eigenvalues
     # ~100x apart), where a variance from the covariance loses more float32
     # digits than a two-pass one; summing the covariance per image keeps the
-    # standardised output's scale within ~1e-6 of float64 (measured 1.2e-6).
+    # standardised output's scale within ~1e-6 of float64.
     from maml_jax.datasets.omniglot import load_omniglot
 
     images = load_omniglot(omniglot_dir, split="background").images
     x = jnp.asarray(images[:75, 0], jnp.float32)  # (75, 28, 28, 1)
     kernel = jax.nn.initializers.lecun_normal()(jax.random.key(0), (3, 3, 1, 64))
-    patches = models.im2col_patches(x, 3, 3, 1)
+    patches = ops.im2col_patches(x, 3, 3, 1)
     ones, zeros = jnp.ones(64, jnp.float32), jnp.zeros(64, jnp.float32)
-    out = models.patch_batch_norm(patches, kernel.reshape(9, 64), ones, zeros, 1e-5)
+    out = ops.patch_batch_norm(patches, kernel.reshape(9, 64), ones, zeros, 1e-5)
     # Float64 reference; the outputs are standardised (scale ~1).
     ref = _batch_norm_of_conv(
         patches.astype(jnp.float64),
@@ -400,7 +444,7 @@ def test_patch_batch_norm_gradients_keep_each_input_dtype():
     kernel = jax.random.normal(jax.random.key(1), (9, 4), jnp.float32)
     scale, offset = jnp.ones(4, jnp.float32), jnp.zeros(4, jnp.float32)
     grads = jax.grad(
-        lambda *a: jnp.sum(jnp.sin(models.patch_batch_norm(*a, 1e-5))),
+        lambda *a: jnp.sum(jnp.sin(ops.patch_batch_norm(*a, 1e-5))),
         argnums=(0, 1, 2, 3),
     )(patches, kernel, scale, offset)
     assert [g.dtype for g in grads] == [jnp.float64] + [jnp.float32] * 3

@@ -356,8 +356,13 @@ def test_forward_agrees():
     """The torch Conv4 computes the Flax Conv4's logits on a real batch."""
     e = exported(OMNIGLOT)
     model = torch_models.build_model(e.params, e.ways).double()
+    # "lax": a plain convolution and two-pass batch norm, as the torch model does.
     flax_model = maml_jax.Conv4(
-        num_classes=e.ways, filters=64, downsample="maxpool", head="mean"
+        num_classes=e.ways,
+        filters=64,
+        downsample="maxpool",
+        head="mean",
+        conv_impl="lax",
     )
     x = e.query_x[0, 0].astype(np.float64)
     nested = {k: v for k, v in e.params.items() if "/" not in k}
