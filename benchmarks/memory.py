@@ -156,7 +156,7 @@ def build_ours(
             filters=64,
             downsample=w.get("downsample", "stride"),
             head="mean",
-            conv_impl=conv or ("im2col" if jax.default_backend() == "cpu" else "lax"),
+            conv_impl=conv or "auto",
         )
         shape = (28, 28, 1)
         params = model.init(jax.random.key(0), jnp.zeros((2, *shape)))["params"]

@@ -93,7 +93,6 @@ def build(
     if precision not in ("float32", "bfloat16"):
         raise ValueError(f"precision must be float32 or bfloat16; got {precision!r}.")
     w = WORKLOADS[workload]
-    cpu = jax.default_backend() == "cpu"
     if w["kind"] == "sinusoid":
         model = maml_jax.MLP((40, 40))
         params = model.init(jax.random.key(0), jnp.zeros((1, 1)))["params"]
@@ -110,7 +109,7 @@ def build(
             filters=64 if omniglot else 32,
             downsample=w.get("downsample", "stride" if omniglot else "maxpool"),
             head="mean" if omniglot else "flatten",
-            conv_impl="im2col" if cpu else "lax",
+            conv_impl="auto",
             dtype=jnp.bfloat16 if precision == "bfloat16" else None,
         )
         params = model.init(jax.random.key(0), jnp.zeros((2, *shape)))["params"]

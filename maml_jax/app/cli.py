@@ -35,6 +35,7 @@ def _debug_flag(parser) -> None:
 def _train_parser(sub) -> None:
     from maml_jax.app.learners import ALGORITHMS
     from maml_jax.app.presets import PRESETS
+    from maml_jax.ops import CONV_IMPLS
 
     p = sub.add_parser("train", help="meta-train a few-shot classifier")
     _debug_flag(p)
@@ -85,13 +86,13 @@ def _train_parser(sub) -> None:
         p.add_argument(f"--{name}", type=kind)
     p.add_argument("--algorithm", choices=ALGORITHMS)
     p.add_argument("--norm", choices=("transductive", "inductive", "none"))
-    p.add_argument("--conv-impl", choices=("lax", "im2col"))
+    p.add_argument("--conv-impl", choices=CONV_IMPLS)
     p.add_argument(
         "--precision",
         choices=("float32", "bfloat16"),
         help="compute dtype (bfloat16: mixed precision, float32 parameters)",
     )
-    p.add_argument("--batching", choices=("vmap", "scan", "unroll"))
+    p.add_argument("--batching", choices=("auto", "vmap", "scan", "unroll"))
     p.add_argument(
         "--on-nonfinite",
         choices=("stop", "skip"),

@@ -59,7 +59,7 @@ def build_learner(config: FewShotConfig, image_shape):
         downsample="stride" if omniglot else "maxpool",
         head="mean" if omniglot else "flatten",
         norm=config.norm,
-        conv_impl=config.conv_impl or "lax",
+        conv_impl=config.conv_impl or "auto",
         dtype=None if config.precision == "float32" else jnp.bfloat16,
     )
     # Jitted: one compile instead of op-by-op dispatch (the same values).

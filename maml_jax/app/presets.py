@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 import maml_jax
-from maml_jax import core, episodes, models
+from maml_jax import core, episodes, models, ops
 from maml_jax.app.learners import ALGORITHMS
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -127,7 +127,7 @@ class FewShotConfig:
     seed: int = 0
     norm: str = "transductive"
     precision: str = "float32"  # or "bfloat16": compute dtype of Conv4
-    conv_impl: str | None = None  # None: "im2col" on CPU, "lax" elsewhere
+    conv_impl: str | None = None  # None: ops.resolve_conv_impl("auto")
     batching: str | None = None  # None: "scan" on CPU, "vmap" elsewhere
     chunk_size: int | None = None  # None: core.cpu_chunk_size for "scan"
     eval_every: int = 1000
@@ -186,9 +186,10 @@ class FewShotConfig:
                 )
         if not 0 <= self.seed < 2**32:
             raise ValueError(f"--seed must be in [0, 2**32); got {self.seed}.")
-        if self.conv_impl not in (None, "lax", "im2col"):
+        if self.conv_impl not in (None, *ops.CONV_IMPLS):
             raise ValueError(
-                f"--conv-impl must be lax or im2col; got {self.conv_impl!r}."
+                f"--conv-impl must be one of {', '.join(ops.CONV_IMPLS)}; got "
+                f"{self.conv_impl!r}."
             )
         if self.batching not in (None, *maml_jax.core.TASK_BATCHING):
             raise ValueError(
@@ -231,14 +232,16 @@ class FewShotConfig:
         the only one XLA can split across devices.
         """
         cpu = jax.default_backend() == "cpu"
-        batching = self.batching or ("scan" if cpu and not shard else "vmap")
+        batching = self.batching
+        if batching in (None, "auto"):  # recorded as what "auto" picks here
+            batching = "scan" if cpu and not shard else "vmap"
         chunk = self.chunk_size
         if chunk is None and batching != "vmap":
             examples = self.ways * (self.shots + self.queries)
             chunk = core.cpu_chunk_size(self.meta_batch, examples)
         return dataclasses.replace(
             self,
-            conv_impl=self.conv_impl or ("im2col" if cpu else "lax"),
+            conv_impl=ops.resolve_conv_impl(self.conv_impl or "auto"),
             batching=batching,
             chunk_size=chunk,
         )
