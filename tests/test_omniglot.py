@@ -18,6 +18,7 @@ import socket
 import threading
 import time
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from maml_jax.datasets import (
     DatasetError,
     DatasetNotFoundError,
     OmniglotSplit,
+    _omniglot_archive,
     load_omniglot,
     omniglot,
     omniglot_class_names,
@@ -319,6 +321,168 @@ def test_swapped_archives(archives, tmp_path):
             load_omniglot(tmp_path, split=split, cache=False)
         assert f"images_{split}.zip" in str(info.value)
         assert f"images_{other}" in str(info.value)
+
+
+# --- hostile archives --------------------------------------------------------
+
+FIRST = A1 + "0965_01.png"  # the first drawing decoded, in pinned order
+
+
+@pytest.fixture(scope="session")
+def eval_without_first(eval_members, tmp_path_factory) -> Path:
+    """The evaluation archive without FIRST, which each test appends its own way."""
+    path = tmp_path_factory.mktemp("hostile") / "images_evaluation.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in eval_members:
+            if name != FIRST:
+                zf.writestr(name, data)
+    return path
+
+
+def _with_first(
+    base: Path, tmp_path: Path, data: bytes, compress_type=zipfile.ZIP_DEFLATED
+) -> Path:
+    path = Path(shutil.copy(base, tmp_path / "images_evaluation.zip"))
+    with zipfile.ZipFile(path, "a") as zf:
+        zf.writestr(FIRST, data, compress_type=compress_type)
+    return path
+
+
+def _patch_central_entry(
+    path: Path, name: str, *, flag_bits: int | None = None, file_size: int | None = None
+) -> None:
+    """Rewrites fields of ``name``'s central-directory record (what zipfile trusts)."""
+    raw = bytearray(path.read_bytes())
+    at = raw.rfind(name.encode()) - 46
+    assert raw[at : at + 4] == b"PK\x01\x02"
+    if flag_bits is not None:
+        raw[at + 8 : at + 10] = flag_bits.to_bytes(2, "little")
+    if file_size is not None:
+        raw[at + 24 : at + 28] = file_size.to_bytes(4, "little")
+    path.write_bytes(bytes(raw))
+
+
+@pytest.fixture
+def opened_members(monkeypatch) -> list[str]:
+    """Names of the zip members opened for reading from now on."""
+    opened: list[str] = []
+    real_open = zipfile.ZipFile.open
+
+    def spy(self, name, mode="r", *args, **kwargs):
+        if mode == "r":
+            opened.append(getattr(name, "filename", name))
+        return real_open(self, name, mode, *args, **kwargs)
+
+    monkeypatch.setattr(zipfile.ZipFile, "open", spy)
+    return opened
+
+
+def _load_refused(tmp_path: Path, pattern: str) -> str:
+    start = time.perf_counter()
+    with pytest.raises(DatasetError, match=pattern) as info:
+        load_omniglot(tmp_path, split="evaluation", cache=False)
+    assert time.perf_counter() - start < 10.0
+    message = str(info.value)
+    assert "images_evaluation.zip" in message and FIRST in message
+    assert "brendenlake/omniglot" in message
+    return message
+
+
+@pytest.mark.parametrize(
+    "size, pattern",
+    [(8 << 20, "declares 8388608 bytes uncompressed"), (512 << 10, r"\d+-fold")],
+)
+def test_decompression_bomb_is_refused_unread(
+    eval_without_first, tmp_path, opened_members, size, pattern
+):
+    """A member too large, or compressing too well, for a 105x105 PNG is never
+    inflated (a 6.8 MB archive inflating to 1 GiB took 15 s and 2.4 GB)."""
+    _with_first(eval_without_first, tmp_path, bytes(size))
+    _load_refused(tmp_path, pattern)
+    assert FIRST not in opened_members
+
+
+def test_bzip2_member_is_refused_unread(eval_without_first, tmp_path, opened_members):
+    """zipfile inflates bzip2 without an output bound: 16 MiB from a few bytes,
+    before any size check could stop it, even when the entry declares 300 bytes."""
+    path = _with_first(eval_without_first, tmp_path, bytes(16 << 20), zipfile.ZIP_BZIP2)
+    _patch_central_entry(path, FIRST, file_size=300)
+    _load_refused(tmp_path, "compression method 12")
+    assert FIRST not in opened_members
+
+
+def test_member_lying_about_its_size_is_stopped(eval_without_first, tmp_path):
+    """Declaring 300 bytes for 16 MiB: reading stops at the declared size (the
+    bounded read, and zipfile itself) and the entry fails its CRC."""
+    path = _with_first(eval_without_first, tmp_path, bytes(16 << 20))
+    _patch_central_entry(path, FIRST, file_size=300)
+    _load_refused(tmp_path, "is corrupted: cannot read|inflates to more than")
+
+
+def test_encrypted_member(eval_members, eval_without_first, tmp_path, opened_members):
+    path = _with_first(eval_without_first, tmp_path, dict(eval_members)[FIRST])
+    _patch_central_entry(path, FIRST, flag_bits=0x1)
+    _load_refused(tmp_path, "is encrypted")
+    assert FIRST not in opened_members
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A 1-bit PNG declaring ``width x height`` pixels, with almost no pixel data."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(kind + body).to_bytes(4, "big")
+        return len(body).to_bytes(4, "big") + kind + body + crc
+
+    size = width.to_bytes(4, "big") + height.to_bytes(4, "big")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", size + bytes([1, 0, 0, 0, 0]))
+        + chunk(b"IDAT", zlib.compress(bytes(64)))
+        + chunk(b"IEND", b"")
+    )
+
+
+@pytest.mark.parametrize("side", [3000, 10000])
+def test_png_size_is_checked_before_decoding(eval_without_first, tmp_path, side):
+    """The header's size is refused before pixels are decoded (10000 x 10000 also
+    tripped Pillow's bomb warning, which escaped as a warning or an exception)."""
+    _with_first(eval_without_first, tmp_path, _png_header(side, side))
+    message = _load_refused(tmp_path, f"is {side}x{side} pixels, expected 105x105")
+    assert "not decoded" in message
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_transparent_background_is_paper(eval_members, tmp_path, mode):
+    """A drawing re-saved with a transparent background decodes like the original
+    (before: the transparent black background counted as ink, 1.00 vs 0.16)."""
+    original = dict(eval_members)[FIRST]
+    with Image.open(io.BytesIO(original)) as image:
+        strokes = np.asarray(image.convert("L")) < 128
+    if mode == "P":  # palette: 0 = black stroke, 1 = black but transparent
+        pixels, extra = np.where(strokes, 0, 1).astype(np.uint8), {"transparency": 1}
+    else:  # black everywhere, opaque only on the strokes
+        pixels = np.zeros((105, 105, len(mode)), np.uint8)
+        pixels[strokes, -1] = 255
+        extra = {}
+    image = Image.frombytes(mode, (105, 105), pixels.tobytes())
+    if mode == "P":
+        image.putpalette([0, 0, 0, 0, 0, 0])
+    buf = io.BytesIO()
+    image.save(buf, "PNG", **extra)
+    path = tmp_path / "images_evaluation.zip"
+    redrawn = FIRST.replace("_01.png", "_02.png")
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr(FIRST, original)
+        zf.writestr(redrawn, buf.getvalue())
+    with zipfile.ZipFile(path) as zf:
+        plain, transparent = (
+            _omniglot_archive._decode_png(
+                path, "evaluation", zf, zf.getinfo(name), 28, "lanczos"
+            )
+            for name in (FIRST, redrawn)
+        )
+    assert transparent.mean() / 255 < 0.3
+    np.testing.assert_array_equal(transparent, plain)
 
 
 # --- pinned splits -----------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import io
 import re
+import struct
 import zipfile
 import zlib
 from importlib import resources
@@ -36,6 +37,20 @@ RESAMPLE_FILTERS = {
 """Pillow filter of each ``resample`` name."""
 
 _SOURCE_SIZE = 105
+# Members are checked before they are read (the zip's own metadata) and read with
+# a bound, so a decompression bomb costs at most _MAX_MEMBER_BYTES. A 105 x 105
+# PNG holds at most 88 KB of pixel data (16-bit RGBA, stored uncompressed); the
+# canonical ones are under 1 KB and barely compress further in the zip.
+_MAX_MEMBER_BYTES = 1 << 20
+# Members larger than any honest 105 x 105 PNG's pixel data may not compress
+# better than this: PNG data is already deflated, so a high ratio means padding.
+_RATIO_CHECKED_ABOVE = 128 << 10
+_MAX_RATIO = 100
+# Stored and deflate only: zipfile inflates bzip2 and lzma members without an
+# output bound (a few KB of bzip2 can expand to GBs before a bounded read ends).
+_READABLE_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
+_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _IGNORED = re.compile(r"(^|/)(__MACOSX/|\._|\.DS_Store$|Thumbs\.db$)")
 _DRAWING = re.compile(r"(\d{4})_(\d{2})\.png")
 _ZIP_READ_ERRORS = (
@@ -119,6 +134,7 @@ def _index_archive(
                 f"{path} has an unexpected entry {info.filename!r}; every file must "
                 f"be {top}/<Alphabet>/characterNN/IIII_DD.png. {fix}"
             )
+        _check_member(path, info, fix)
         name = f"{parts[1]}/{parts[2]}"
         drawing = int(match.group(2))
         if drawing in groups.setdefault(name, {}):
@@ -173,6 +189,55 @@ def _content_mismatch(path: Path, split: str, other: str, found: set[str]) -> st
     )
 
 
+def _check_member(path: Path, info: zipfile.ZipInfo, fix: str) -> None:
+    """Refuses a member by its zip metadata alone, before any byte is inflated."""
+    where = f"{path}: {info.filename}"
+    if info.flag_bits & 0x1:
+        raise DatasetError(
+            f"{where} is encrypted (password-protected); the canonical archive "
+            f"is not. {fix}"
+        )
+    if info.compress_type not in _READABLE_METHODS:
+        raise DatasetError(
+            f"{where} uses zip compression method {info.compress_type}; only "
+            f"stored and deflate members are read (as in the canonical archive). "
+            f"Re-zip it with a standard zip tool, or: {fix}"
+        )
+    if info.file_size > _MAX_MEMBER_BYTES:
+        raise DatasetError(
+            f"{where} declares {info.file_size} bytes uncompressed, more than the "
+            f"{_MAX_MEMBER_BYTES} any {_SOURCE_SIZE}x{_SOURCE_SIZE} PNG needs (it "
+            f"may be a decompression bomb); it was not read. {fix}"
+        )
+    ratio = info.file_size / max(info.compress_size, 1)
+    if info.file_size > _RATIO_CHECKED_ABOVE and ratio > _MAX_RATIO:
+        raise DatasetError(
+            f"{where} inflates {ratio:.0f}-fold ({info.compress_size} to "
+            f"{info.file_size} bytes); PNG data hardly compresses, so it is not a "
+            f"plain PNG (it may be a decompression bomb); it was not read. {fix}"
+        )
+
+
+def _read_member(
+    path: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo, fix: str
+) -> bytes:
+    """Returns a member's bytes, inflating at most ``_MAX_MEMBER_BYTES + 1``."""
+    try:
+        with zf.open(info) as member:
+            data = member.read(_MAX_MEMBER_BYTES + 1)
+    except (*_ZIP_READ_ERRORS, RuntimeError) as e:  # RuntimeError: encrypted
+        raise DatasetError(
+            f"{path} is corrupted: cannot read {info.filename} ({e}). {fix}"
+        ) from e
+    if len(data) > _MAX_MEMBER_BYTES:
+        raise DatasetError(
+            f"{path}: {info.filename} inflates to more than {_MAX_MEMBER_BYTES} "
+            f"bytes although it declares {info.file_size} (a corrupted or forged "
+            f"zip entry); reading stopped there. {fix}"
+        )
+    return data
+
+
 def _decode_png(
     path: Path,
     split: str,
@@ -182,29 +247,52 @@ def _decode_png(
     resample: str,
 ) -> np.ndarray:
     fix = f"Replace it with the canonical images_{split}.zip from {HOME}."
-    try:
-        data = zf.read(info)
-    except _ZIP_READ_ERRORS as e:
+    data = _read_member(path, zf, info, fix)  # _index_archive ran _check_member
+    return _png_to_ink(data, f"{path}: {info.filename}", image_size, resample, fix)
+
+
+def _png_to_ink(
+    data: bytes, where: str, image_size: int, resample: str, fix: str
+) -> np.ndarray:
+    """Decodes PNG bytes to uint8 ink (255 - gray), transparency as white paper.
+
+    The size is read from the PNG header (the IHDR chunk, which must come first)
+    before Pillow sees the data, so no pixel of a wrong-sized image is decoded.
+    """
+    if data[:8] != _PNG_SIGNATURE or data[12:16] != b"IHDR" or len(data) < 24:
         raise DatasetError(
-            f"{path} is corrupted: cannot read {info.filename} ({e}). {fix}"
-        ) from e
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            size = image.size
-            gray = image.convert("L")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise DatasetError(
-            f"{path}: {info.filename} does not decode as a PNG image ({e}). {fix}"
-        ) from e
-    if size != (_SOURCE_SIZE, _SOURCE_SIZE):
-        raise DatasetError(
-            f"{path}: {info.filename} is {size[0]}x{size[1]} pixels, expected "
-            f"{_SOURCE_SIZE}x{_SOURCE_SIZE}. {fix}"
+            f"{where} does not decode as a PNG image (no PNG signature and IHDR "
+            f"header). {fix}"
         )
+    width, height = struct.unpack(">II", data[16:24])
+    if (width, height) != (_SOURCE_SIZE, _SOURCE_SIZE):
+        raise DatasetError(
+            f"{where} is {width}x{height} pixels, expected "
+            f"{_SOURCE_SIZE}x{_SOURCE_SIZE}; it was not decoded. {fix}"
+        )
+    try:
+        with Image.open(io.BytesIO(data), formats=("PNG",)) as image:
+            image.load()
+            gray = _on_white_paper(image)
+    except _IMAGE_ERRORS as e:
+        raise DatasetError(
+            f"{where} does not decode as a PNG image ({e}). {fix}"
+        ) from e
     if image_size != _SOURCE_SIZE:
         gray = gray.resize((image_size, image_size), RESAMPLE_FILTERS[resample])
     return 255 - np.asarray(gray, dtype=np.uint8)
+
+
+def _on_white_paper(image: Image.Image) -> Image.Image:
+    """Converts to 8-bit gray, compositing any transparency onto white.
+
+    A transparent pixel is paper, whatever colour it stores (usually black, which
+    a plain ``convert("L")`` would turn into ink).
+    """
+    if image.mode not in ("RGBA", "LA", "PA") and "transparency" not in image.info:
+        return image.convert("L")
+    paper = Image.new("RGBA", image.size, (255, 255, 255, 255))
+    return Image.alpha_composite(paper, image.convert("RGBA")).convert("L")
 
 
 __all__ = [

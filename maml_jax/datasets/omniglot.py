@@ -17,18 +17,27 @@ copies are fine): the zip must open and every member must pass its CRC, the
 top folder must be ``images_<split>/``, the set of ``Alphabet/characterNN``
 folders must be exactly the pinned list for that archive, each character must
 have exactly 20 drawings, and every image must decode as a 105 x 105 PNG.
-Anything else raises :class:`~maml_jax.datasets.DatasetError` (a
+Hostile files are refused before they cost time or memory: before any member
+is inflated, every member must be unencrypted, stored or deflated (zipfile
+inflates bzip2 and lzma without an output bound), declare at most 1 MiB
+uncompressed (a 105 x 105 PNG's pixels take at most 88 KB) and, above 128 KiB, inflate
+at most 100-fold; members are then read with a bound of 1 MiB whatever they
+declare, and a PNG's size is checked in its header before its pixels are
+decoded. Anything else raises :class:`~maml_jax.datasets.DatasetError` (a
 ``ValueError``) naming the file, the problem and the fix; a missing archive
 raises :class:`~maml_jax.datasets.DatasetNotFoundError` (also a
 ``FileNotFoundError``).
 
 Preprocessing. Each PNG is decoded once with Pillow, converted to 8-bit
-grayscale, resized to ``image_size`` x ``image_size`` with Lanczos filtering
-(``resample="lanczos"``, the antialiasing filter MAML's preprocessing asks
-for; ``"bilinear"`` and ``"nearest"`` are available), and inverted so that ink
-is 1.0 and background 0.0. Conversion to grayscale comes first because Pillow
-resizes 1-bit images with nearest-neighbour whatever filter is requested (so
-MAML's own script, which resizes the 1-bit image directly, gets nearest).
+grayscale (an image with transparency, such as RGBA, LA or a palette with a
+transparent entry, is first composited onto white, so transparent pixels are
+paper whatever colour they store), resized to ``image_size`` x ``image_size``
+with Lanczos filtering (``resample="lanczos"``, the antialiasing filter MAML's
+preprocessing asks for; ``"bilinear"`` and ``"nearest"`` are available), and
+inverted so that ink is 1.0 and background 0.0. Conversion to grayscale comes
+first because Pillow resizes 1-bit images with nearest-neighbour whatever filter
+is requested (so MAML's own script, which resizes the 1-bit image directly, gets
+nearest).
 Images come out as float32 in [0, 1] with a trailing channel axis.
 
 Cache. The decoded images are cached as ``.npz`` (uint8) under ``cache_dir``
@@ -124,7 +133,7 @@ _CANONICAL_MD5 = {
     "background": "68d2efa1b9178cc56df9314c21c6e718",
     "evaluation": "6b91aef0f799c5bb55b94e3f2daec811",
 }
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2  # 2: transparency is paper (format 1 made it ink)
 
 
 class OmniglotSplit(NamedTuple):
