@@ -7,9 +7,13 @@ and Ravi & Larochelle's ``images/`` + ``<split>.csv``.
 
 from __future__ import annotations
 
+import codecs
 import csv
+import functools
 import os
 import pickle
+import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -309,3 +313,205 @@ def test_default_and_unwritable_cache_dirs(fixture, tmp_path, monkeypatch):
             folder_dir, "train", strict=False, dtype=np.uint8, cache_dir=blocker / "c"
         )
     np.testing.assert_array_equal(data.images, expected)
+
+
+# --- hostile pickles ---------------------------------------------------------
+
+
+class _Reduce:
+    """Pickles as ``func(*args)``, optionally followed by ``__setstate__(state)``."""
+
+    def __init__(self, func, args, state=None):
+        self.reduced = (func, args) if state is None else (func, args, state)
+
+    def __reduce__(self):
+        return self.reduced
+
+
+def _two_images(image_data) -> dict:
+    return {"image_data": image_data, "class_dict": {"a": [0], "b": [1]}}
+
+
+def _refused(tmp_path: Path, obj_or_bytes, pattern: str) -> str:
+    path = tmp_path / "mini-imagenet-cache-train.pkl"
+    raw = obj_or_bytes
+    if not isinstance(raw, bytes):
+        raw = pickle.dumps(raw, protocol=4)
+    path.write_bytes(raw)
+    start = time.perf_counter()
+    with pytest.raises(DatasetError, match=pattern) as info:
+        load_miniimagenet(tmp_path, "train", strict=False)
+    assert time.perf_counter() - start < 5.0
+    assert str(path) in str(info.value)
+    return str(info.value)
+
+
+def test_pickle_sharing_index_lists_is_refused_unexpanded(tmp_path):
+    """One index list under every key (or nested in itself) is a few bytes in
+    the file but billions of items once converted; the probe's took 52 s and
+    ended in a raw MemoryError. Lengths are summed before anything is built."""
+    shared = [0, 1] * 1000
+    many = {f"n{i:08d}": shared for i in range(2000)}
+    image_data = np.zeros((2, 84, 84, 3), np.uint8)
+    _refused(
+        tmp_path,
+        {"image_data": image_data, "class_dict": many},
+        "lists at least 2000 image indices but image_data holds 2 images",
+    )
+    inner = [0] * 1000
+    nested = [[inner] * 1000] * 1000  # 10**9 items; 12 KB pickled
+    _refused(
+        tmp_path,
+        {"image_data": image_data, "class_dict": {"a": nested}},
+        "lists at least 1000 image indices",
+    )
+    inner = [0] * 10**4
+    short = [[inner] * 10**4] * 2  # 2 * 10**8 items, in a list as long as allowed
+    _refused(
+        tmp_path,
+        {"image_data": image_data, "class_dict": {"a": short}},
+        r"class_dict\['a'\] is not a list of ints",
+    )
+
+
+SIZE_BOMBS = {
+    # The C unpickler resized and zero-filled its memo up to a PUT's index:
+    # 256 MiB here, 16 GiB for index 2**30.
+    "memo_index": (b"\x80\x02}r" + (1 << 24).to_bytes(4, "little") + b".", "dict"),
+    # Declared lengths, allocated before the (missing) data is read.
+    "bytearray8": (b"\x80\x05\x96" + (1 << 31).to_bytes(8, "little"), "readable"),
+    "frame": (b"\x80\x04\x95" + (1 << 31).to_bytes(8, "little") + b"}.", "dict"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SIZE_BOMBS))
+def test_pickle_sizes_are_not_allocated_on_trust(tmp_path, case):
+    bomb, pattern = SIZE_BOMBS[case]
+    tracemalloc.start()
+    try:
+        _refused(tmp_path, bomb, pattern)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20
+
+
+_RECONSTRUCT = np.empty(0).__reduce__()[0]
+_BIG_BYTES = bytes(1 << 20)
+HOSTILE_CALLS = {
+    # Uninitialised memory of any shape, which then loaded as images.
+    "ndarray_call": (
+        _two_images(_Reduce(np.ndarray, ((2, 84, 84, 3), "u1"))),
+        "refusing to call numpy.ndarray",
+    ),
+    "reconstruct_shape": (
+        _two_images(_Reduce(_RECONSTRUCT, (np.ndarray, (2, 84, 84, 3), b"B"))),
+        r"refusing numpy _reconstruct with shape \(2, 84, 84, 3\)",
+    ),
+    # numpy allocates an object array's whole shape before checking its items.
+    "object_array": (
+        _two_images(
+            _Reduce(
+                _RECONSTRUCT,
+                (np.ndarray, (0,), b"b"),
+                (1, (10**6,), np.dtype(object), False, [0]),
+            )
+        ),
+        "refusing numpy dtype object",
+    ),
+    # Each hex encoding doubles the string: 2**24 times two bytes here.
+    "encode_chain": (
+        _two_images(
+            functools.reduce(
+                lambda inner, _: _Reduce(codecs.encode, (inner, "hex")),
+                range(24),
+                _Reduce(codecs.encode, ("ab", "latin1")),
+            )
+        ),
+        r"refusing _codecs\.encode of a bytes to 'hex'",
+    ),
+    "bytearray_size": (
+        _two_images(_Reduce(bytearray, (1 << 26,))),
+        r"refusing bytearray\(\) of anything but bytes",
+    ),
+    # One memoised MiB copied 100 times builds 100 MiB from a 1 MiB file.
+    "copies": (
+        _two_images([_Reduce(bytearray, (_BIG_BYTES,)) for _ in range(100)]),
+        "refusing to build more than",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_CALLS))
+def test_pickle_callables_refuse_allocating_arguments(tmp_path, case):
+    obj, pattern = HOSTILE_CALLS[case]
+    message = _refused(tmp_path, obj, pattern)
+    assert "NOT loaded" in message
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_damaged_pickles_give_dataset_errors(tmp_path, protocol):
+    """Random truncations and byte flips (mostly in the opcodes around the pixel
+    data): before, some raised OverflowError or SystemError, some MemoryError."""
+    obj = {
+        "image_data": np.arange(2 * 84 * 84 * 3, dtype=np.uint8).reshape(2, 84, 84, 3),
+        "class_dict": {"a": [0], "b": np.array([1])},
+    }
+    good = pickle.dumps(obj, protocol=protocol)
+    path = tmp_path / "mini-imagenet-cache-train.pkl"
+    rng = np.random.default_rng(protocol)
+    for _ in range(200):
+        damaged = bytearray(good)
+        if rng.random() < 0.2:
+            del damaged[rng.integers(len(damaged)) :]
+        else:
+            for _ in range(rng.integers(1, 4)):
+                near = int(rng.integers(300))
+                at = near if rng.random() < 0.5 else len(damaged) - 1 - near
+                damaged[at] = int(rng.integers(256))
+        path.write_bytes(bytes(damaged))
+        try:
+            load_miniimagenet(tmp_path, "train", strict=False, dtype=np.uint8)
+        except DatasetError as e:
+            assert str(path) in str(e)
+
+
+def _unicode(text: str) -> bytes:
+    return b"X" + len(text).to_bytes(4, "little") + text.encode()  # BINUNICODE
+
+
+def _dtype_state(itemsize: int) -> bytes:
+    """A void dtype's BUILD state, ``(3, '|', None, None, None, itemsize, 1, 0)``."""
+    return (
+        b"(K\x03"
+        + _unicode("|")
+        + b"NNNJ"
+        + itemsize.to_bytes(4, "little")
+        + b"K\x01K\x00t"
+    )
+
+
+def test_pickle_cannot_change_a_dtype_after_use(tmp_path):
+    """Setting a dtype's state again after an array was built with it turned a
+    4-byte array into one reading 1 MiB past its buffer."""
+    raw = (
+        b"\x80\x03}("
+        + _unicode("image_data")
+        # D = numpy.dtype("V4", False, True), memo 1, with its state set.
+        + b"cnumpy\ndtype\n"
+        + _unicode("V4")
+        + b"\x89\x88\x87Rq\x01"
+        + _dtype_state(4)
+        + b"b0"
+        # An array of one D: _reconstruct, then the state (1, (1,), D, False, data).
+        + b"cnumpy._core.multiarray\n_reconstruct\ncnumpy\nndarray\n"
+        + b"K\x00\x85C\x01b\x87R"
+        + b"(K\x01K\x01\x85h\x01\x89C\x04abcdtb"
+        # D's state again, now 1 MiB per item.
+        + b"h\x01"
+        + _dtype_state(1 << 20)
+        + b"b0"
+        + _unicode("class_dict")
+        + b"}u."
+    )
+    _refused(tmp_path, raw, "refusing to change a numpy dtype once used")

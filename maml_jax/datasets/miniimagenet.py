@@ -13,7 +13,11 @@ two common distributions from a directory you choose:
    unpickler that can only rebuild numpy arrays, dtypes, scalars, dicts,
    lists and bytes (``_codecs.encode``, which protocol 2 uses for an array's
    raw data); any other global (``os.system``, ...) is refused with a
-   :class:`~maml_jax.datasets.DatasetError` and never executed.
+   :class:`~maml_jax.datasets.DatasetError` and never executed. So is a pickle
+   that would build much more memory than the file holds (the allowed
+   callables take only the arguments real pickles use, and what they build is
+   budgeted), and ``class_dict`` is checked without expanding shared
+   references, so a few hostile bytes cannot stand for billions of items.
 
 2. An image folder with Ravi & Larochelle's split files::
 
@@ -46,9 +50,9 @@ References:
 
 from __future__ import annotations
 
-import codecs
 import csv
 import pickle
+import struct
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -65,6 +69,7 @@ from maml_jax.datasets._common import (
     sha256_file,
     try_save_cache,
 )
+from maml_jax.datasets._safe_pickle import RefusedPickle, load_restricted
 
 MiniImageNetSplitName = Literal["train", "val", "test"]
 
@@ -187,51 +192,11 @@ def _check_counts(path: Path, split: str, counts: dict[str, int], strict: bool) 
         )
 
 
-class _ForbiddenGlobal(pickle.UnpicklingError):
-    pass
-
-
-def _allowed_globals() -> dict[tuple[str, str], Any]:
-    # numpy's pickle helpers, taken from what this numpy's own pickles reference
-    # (their private module moved from numpy.core to numpy._core in numpy 2).
-    reconstruct = np.empty(0).__reduce__()[0]
-    frombuffer = np.empty(0).__reduce_ex__(5)[0]
-    scalar = np.float64(0).__reduce__()[0]
-    table: dict[tuple[str, str], Any] = {
-        ("numpy", "ndarray"): np.ndarray,
-        ("numpy", "dtype"): np.dtype,
-        ("builtins", "dict"): dict,
-        ("builtins", "list"): list,
-        ("builtins", "bytearray"): bytearray,
-        # Protocol 2 stores bytes (an array's raw data) as _codecs.encode(str).
-        ("_codecs", "encode"): codecs.encode,
-    }
-    for module in ("numpy.core", "numpy._core"):
-        table[(f"{module}.multiarray", "_reconstruct")] = reconstruct
-        table[(f"{module}.multiarray", "scalar")] = scalar
-        table[(f"{module}.numeric", "_frombuffer")] = frombuffer
-    return table
-
-
-class _SafeUnpickler(pickle.Unpickler):
-    """Unpickler that rebuilds numpy arrays and containers and nothing else."""
-
-    _allowed = _allowed_globals()
-
-    def find_class(self, module: str, name: str) -> Any:
-        try:
-            return self._allowed[(module, name)]
-        except KeyError:
-            raise _ForbiddenGlobal(
-                f"refusing to load global {module}.{name!s}"
-            ) from None
-
-
 def _load_pickle(path: Path, split: str, strict: bool) -> tuple[np.ndarray, tuple]:
     try:
         with open(path, "rb") as f:
-            obj = _SafeUnpickler(f, encoding="latin1").load()
-    except _ForbiddenGlobal as e:
+            obj = load_restricted(f)
+    except RefusedPickle as e:
         raise DatasetError(
             f"{path}: {e}. A mini-ImageNet cache may only contain numpy arrays, "
             "dicts and lists; this file was NOT loaded (it may be malicious, or "
@@ -247,6 +212,8 @@ def _load_pickle(path: Path, split: str, strict: bool) -> tuple[np.ndarray, tupl
         IndexError,
         KeyError,
         MemoryError,
+        ArithmeticError,
+        struct.error,
     ) as e:
         raise DatasetError(
             f"{path} is not a readable pickle ({type(e).__name__}: {e}); it is "
@@ -269,21 +236,7 @@ def _load_pickle(path: Path, split: str, strict: bool) -> tuple[np.ndarray, tupl
             else type(data).__name__
         )
         raise DatasetError(f"{path}: image_data is {found}; expected {what}.")
-    if not isinstance(class_dict, dict) or not all(
-        isinstance(k, str) for k in class_dict
-    ):
-        raise DatasetError(f"{path}: class_dict must map wnid strings to index lists.")
-    indices = {}
-    for wnid, idx in class_dict.items():
-        idx = np.asarray(idx)
-        if idx.ndim != 1 or (idx.size and not np.issubdtype(idx.dtype, np.integer)):
-            raise DatasetError(f"{path}: class_dict[{wnid!r}] is not a list of ints.")
-        if idx.size and (idx.min() < 0 or idx.max() >= len(data)):
-            raise DatasetError(
-                f"{path}: class_dict[{wnid!r}] indexes outside image_data "
-                f"({len(data)} images)."
-            )
-        indices[wnid] = idx.astype(np.intp)
+    indices = _class_indices(path, class_dict, len(data))
     _check_counts(path, split, {k: len(v) for k, v in indices.items()}, strict)
     every = np.concatenate(list(indices.values()))
     if len(np.unique(every)) != len(every):
@@ -293,6 +246,60 @@ def _load_pickle(path: Path, split: str, strict: bool) -> tuple[np.ndarray, tupl
     for c, wnid in enumerate(names):
         out[c] = data[indices[wnid]]
     return out, names
+
+
+def _class_indices(path: Path, class_dict: Any, num_images: int) -> dict:
+    """Checks ``class_dict`` without expanding it; returns ``{wnid: intp array}``.
+
+    Each value must be a flat list of ints or a 1-D integer array, and together
+    they may list at most ``num_images`` indices (an image is in one class): a
+    pickle's shared references can make a few bytes stand for billions of items
+    (the same list under every key, or nested in itself), so lengths are summed,
+    and nesting refused, before anything is converted.
+    """
+    if not isinstance(class_dict, dict) or not all(
+        isinstance(k, str) for k in class_dict
+    ):
+        raise DatasetError(f"{path}: class_dict must map wnid strings to index lists.")
+    total = 0
+    for wnid, idx in class_dict.items():
+        flat = (
+            idx.ndim == 1 and (idx.size == 0 or np.issubdtype(idx.dtype, np.integer))
+            if isinstance(idx, np.ndarray)
+            else isinstance(idx, list | tuple)
+        )
+        if not flat:
+            raise DatasetError(f"{path}: class_dict[{wnid!r}] is not a list of ints.")
+        total += len(idx)
+        if total > num_images:
+            raise DatasetError(
+                f"{path}: class_dict lists at least {total} image indices but "
+                f"image_data holds {num_images} images, and an image belongs to one "
+                "class (the file is corrupted, or shares one index list between "
+                "classes)."
+            )
+    indices = {}
+    for wnid, idx in class_dict.items():
+        if isinstance(idx, np.ndarray):
+            lo, hi = (int(idx.min()), int(idx.max())) if idx.size else (0, 0)
+        else:
+            if not all(_is_int(i) for i in idx):
+                raise DatasetError(
+                    f"{path}: class_dict[{wnid!r}] is not a list of ints."
+                )
+            idx = [int(i) for i in idx]
+            lo, hi = (min(idx), max(idx)) if idx else (0, 0)
+        if lo < 0 or hi >= num_images:
+            raise DatasetError(
+                f"{path}: class_dict[{wnid!r}] indexes outside image_data "
+                f"({num_images} images)."
+            )
+        indices[wnid] = np.asarray(idx, dtype=np.intp)
+    return indices
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
 def _read_split_csv(path: Path) -> dict[str, list[str]]:
