@@ -10,14 +10,19 @@ Each checkpoint is an orbax step directory ``<directory>/<step>/`` with two item
 Atomicity is orbax's: it writes everything into ``<step>.orbax-checkpoint-tmp``
 and renames it to ``<step>`` only once every file is written, so a crash
 mid-write leaves a temporary directory that is never listed as a checkpoint
-(a later ``Checkpointer`` on the directory deletes it before its first save).
-On top of that, restore checks the manifest against the template (refusing a
-checkpoint of another model or dtype with a message naming the leaf) and the
-digests against the restored bytes, so a truncated or garbled file is reported,
-never loaded: tensorstore alone can return silently wrong values when a data
-file's bytes are flipped.
+(a later writing ``Checkpointer`` on the directory deletes it before its first
+save). On top of that, restore checks the manifest against the template
+(refusing a checkpoint of another model or dtype with a message naming the
+leaf), the digests against the restored bytes and the restored ``step`` against
+the directory's name, so a truncated, garbled, malformed or misplaced checkpoint
+is reported, never loaded: tensorstore alone can return silently wrong values
+when a data file's bytes are flipped.
 
-A directory belongs to one run and one process at a time. To resume::
+A directory has one writer at a time (one run, one process; the caller makes
+sure of it). Readers open it with ``read_only=True`` and may do so while the
+writer is saving: a read-only ``Checkpointer`` creates, renames and deletes
+nothing, so it cannot remove the temporary directory of a save in progress.
+To resume::
 
     ckpt = Checkpointer(directory, keep=3)
     if ckpt.latest_step() is not None:
@@ -31,6 +36,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import numbers
 import os
 import pathlib
 from collections.abc import Iterator, Mapping, Sequence
@@ -77,9 +83,15 @@ class Checkpointer:
     tensorstore and metadata as JSON, and ``JsonSave`` uses ``json``).
 
     Args:
-      directory: the run's checkpoint directory (created if missing).
+      directory: the run's checkpoint directory (created if missing, unless
+        ``read_only``).
       keep: how many of the most recent checkpoints to keep (older ones are
         deleted after each save).
+      read_only: open the directory only to read it, e.g. to evaluate a run
+        that may still be training: nothing in it is created, renamed or
+        deleted (temporary directories of saves in progress are left alone,
+        ``restore(fallback=True)`` skips an unreadable checkpoint without
+        moving it aside) and ``save`` raises.
 
     Examples:
       >>> import tempfile
@@ -102,16 +114,23 @@ class Checkpointer:
       (0, {'seed': 0})
     """
 
-    def __init__(self, directory: str | os.PathLike, *, keep: int = 3) -> None:
+    def __init__(
+        self, directory: str | os.PathLike, *, keep: int = 3, read_only: bool = False
+    ) -> None:
         self.keep = _validation.check_positive_int("keep", keep)
+        self.read_only = bool(read_only)
         self.directory = pathlib.Path(directory).absolute()
+        # Not orbax's own ``read_only`` option, which logs warnings on every
+        # open: this class is orbax's only caller, and when read-only it never
+        # asks orbax to save, delete or clean up.
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=self.keep,
+            max_to_keep=None if self.read_only else self.keep,
             # Synchronous: no background thread can still be writing on exit.
             enable_async_checkpointing=False,
-            # Delete ``*.orbax-checkpoint-tmp`` left by an interrupted save.
-            cleanup_tmp_directories=True,
-            create=True,
+            # Delete ``*.orbax-checkpoint-tmp`` left by an interrupted save; a
+            # reader must not: it may be the save another process is writing.
+            cleanup_tmp_directories=not self.read_only,
+            create=not self.read_only,
         )
         self._manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "manifest")
@@ -133,7 +152,13 @@ class Checkpointer:
         Raises:
           ValueError: if ``extra`` is not JSON-serialisable, or ``state.step``
             is not after the latest checkpoint in ``directory``.
+          RuntimeError: if this ``Checkpointer`` is read-only.
         """
+        if self.read_only:
+            raise RuntimeError(
+                f"Cannot save in {self.directory}: this Checkpointer was opened "
+                f"with read_only=True."
+            )
         step = int(state.step)
         extra = _as_json("extra", {} if extra is None else extra)
         latest = self.latest_step()
@@ -180,25 +205,32 @@ class Checkpointer:
 
         Args:
           template: a state with the same leaves as the saved one.
-          step: the step to restore; default the latest.
+          step: the step to restore (an int); default the latest.
           config: this run's config; when given and the checkpoint's ``extra``
             has a ``"config"``, any differing key refuses the restore. Pass only
             the keys that must match (drop e.g. the total number of steps).
           fallback: if the latest checkpoint is unreadable, log it, rename its
             directory to ``<step>.corrupt`` (kept for inspection, no longer
-            listed) and restore the newest readable one before it. Only used
-            when ``step`` is ``None``.
+            listed; left in place when read-only) and restore the newest
+            readable one before it. Only used when ``step`` is ``None``.
 
         Returns:
           ``RestoredCheckpoint(state, extra, step)``.
 
         Raises:
+          TypeError: if ``step`` is not an int.
           FileNotFoundError: if there is no checkpoint (or no such ``step``).
           ValueError: if the checkpoint does not match ``template`` or
             ``config``; the message lists what differs.
           CorruptCheckpointError: if the checkpoint (every one, with
-            ``fallback``) cannot be read back intact; names the directory.
+            ``fallback``) cannot be read back intact, its manifest is
+            malformed, or it holds the state of another step than its
+            directory's name; names the directory.
         """
+        if step is not None:
+            if isinstance(step, bool) or not isinstance(step, numbers.Integral):
+                raise TypeError(f"step must be an int; got {step!r}.")
+            step = int(step)
         steps = self.all_steps()
         if not steps:
             raise FileNotFoundError(f"No checkpoint in {self.directory}.")
@@ -218,6 +250,9 @@ class Checkpointer:
                 corrupt.append((candidate, error))
                 continue
             for bad_step, error in corrupt:
+                if self.read_only:
+                    logger.warning("%s Skipped it (read-only).", error)
+                    continue
                 moved = self._quarantine(bad_step)
                 logger.warning("%s Moved it to %s.", error, moved)
             if corrupt:
@@ -261,10 +296,9 @@ class Checkpointer:
             manifest = self._manager.restore(
                 step, args=ocp.args.Composite(manifest=ocp.args.JsonRestore())
             ).manifest
-            saved, extra = manifest["leaves"], manifest["extra"]
-            version = manifest["format"]
-            if not (isinstance(saved, dict) and isinstance(extra, dict)):
-                raise TypeError("malformed manifest")
+            version = _manifest_format(manifest)
+            if version == _FORMAT:
+                saved, extra = _parse_manifest(manifest)
         if version != _FORMAT:
             raise ValueError(
                 f"Checkpoint {step_dir} has format {version}; this maml_jax "
@@ -283,6 +317,13 @@ class Checkpointer:
             raise CorruptCheckpointError(
                 f"Checkpoint {step_dir} is corrupted: the restored bytes of "
                 f"{_listing(bad)} do not match the digests written at save time."
+            )
+        if int(state.step) != step:
+            # Intact, but another step's: e.g. a folder replaced by a copy.
+            raise CorruptCheckpointError(
+                f"Checkpoint {step_dir} is corrupted: it holds the state of step "
+                f"{int(state.step)}, not {step} (was the directory replaced or "
+                f"renamed?)."
             )
         return RestoredCheckpoint(state=state, extra=extra, step=step)
 
@@ -309,6 +350,46 @@ def _reading(step_dir: pathlib.Path, what: str) -> Iterator[None]:
             f"Checkpoint {step_dir} is corrupted or incomplete: reading {what} "
             f"failed ({cause})."
         ) from error
+
+
+def _manifest_format(manifest: Any) -> int:
+    """The manifest's format number; a ``ValueError`` if it has none."""
+    version = manifest.get("format") if isinstance(manifest, dict) else None
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ValueError("malformed manifest: no format number")
+    return version
+
+
+def _parse_manifest(
+    manifest: dict[str, Any],
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """The leaf records and ``extra`` of a manifest, checked field by field.
+
+    Raises a ``ValueError`` naming the first malformed field, so that a
+    hand-edited or garbled manifest reads as a corrupted checkpoint.
+    """
+    leaves, extra = manifest.get("leaves"), manifest.get("extra")
+    if not isinstance(leaves, dict) or not isinstance(extra, dict):
+        raise ValueError("malformed manifest: 'leaves' or 'extra' is not an object")
+    for path, record in leaves.items():
+        if not isinstance(record, dict):
+            raise ValueError(f"malformed manifest: leaf {path} is not an object")
+        for key in ("shape", "dtype", "sha256"):
+            if key not in record:
+                raise ValueError(f"malformed manifest: leaf {path} has no {key!r}")
+        shape, dtype, digest = record["shape"], record["dtype"], record["sha256"]
+        if not isinstance(shape, list) or not all(
+            isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape
+        ):
+            raise ValueError(
+                f"malformed manifest: leaf {path} has shape {shape!r}, not a list "
+                f"of sizes"
+            )
+        if not isinstance(dtype, str) or not isinstance(digest, str):
+            raise ValueError(
+                f"malformed manifest: leaf {path}'s dtype or sha256 is not a string"
+            )
+    return leaves, extra
 
 
 def _leaf_records(tree: Any) -> dict[str, dict[str, Any]]:

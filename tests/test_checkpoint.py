@@ -1,5 +1,7 @@
 """Tests for atomic, verified checkpoints and exact resume (``maml_jax.checkpoint``)."""
 
+import asyncio
+import json
 import logging
 import pickle
 import shutil
@@ -183,6 +185,70 @@ def test_interrupted_save_is_never_restored(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["3", "4"]
 
 
+def test_read_only_reader_leaves_a_save_in_progress_alone(tmp_path, monkeypatch):
+    # The bug: a reader (``maml-jax eval``) opened while training was saving
+    # deleted the save's temporary directory, and the save then failed.
+    state = _fresh_state()
+    writer = Checkpointer(tmp_path)
+    writer.save(state.replace(step=jnp.int32(3)))
+    finalize = ocp.path.atomicity.AtomicRenameTemporaryPath.finalize
+    seen = []
+
+    def read():
+        assert (tmp_path / "4.orbax-checkpoint-tmp").is_dir()
+        with Checkpointer(tmp_path, read_only=True) as reader:
+            seen.append((reader.all_steps(), reader.restore(_fresh_state()).step))
+            with pytest.raises(RuntimeError, match="read_only=True"):
+                reader.save(state.replace(step=jnp.int32(5)))
+
+    async def read_then_finalize(self):
+        if not seen:  # a reader opens mid-save, before the first rename
+            await asyncio.to_thread(read)
+        await finalize(self)
+
+    monkeypatch.setattr(
+        ocp.path.atomicity.AtomicRenameTemporaryPath, "finalize", read_then_finalize
+    )
+    writer.save(state.replace(step=jnp.int32(4)))
+    writer.close()
+    assert seen == [([3], 3)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["3", "4"]
+
+
+def test_read_only_creates_renames_and_deletes_nothing(tmp_path, caplog):
+    missing = tmp_path / "missing"
+    with Checkpointer(missing, read_only=True) as reader:
+        assert reader.latest_step() is None
+        with pytest.raises(FileNotFoundError, match="No checkpoint"):
+            reader.restore(_fresh_state())
+    assert not missing.exists()
+
+    state = _train(_fresh_state(), 1)
+    with Checkpointer(tmp_path, keep=1) as writer:
+        writer.save(state)
+        writer.save(_train(state, 2))
+    shutil.copytree(tmp_path / "2", tmp_path / "1")  # not kept: a stale copy
+    shutil.copytree(tmp_path / "2", tmp_path / "7.orbax-checkpoint-tmp")
+    _delete_manifest(tmp_path / "2")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with Checkpointer(tmp_path, read_only=True, keep=1) as reader:
+        with caplog.at_level(logging.WARNING, logger="maml_jax.checkpoint"):
+            # 2 is unreadable and 1 holds step 2's state: nothing to fall back on.
+            with pytest.raises(CorruptCheckpointError, match="No readable"):
+                reader.restore(_fresh_state(), fallback=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_step_must_be_an_int(tmp_path):
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(_fresh_state())
+        with pytest.raises(TypeError, match="step must be an int; got '0'"):
+            ckpt.restore(_fresh_state(), step="0")
+        with pytest.raises(TypeError, match="step must be an int"):
+            ckpt.restore(_fresh_state(), step=0.0)
+        assert ckpt.restore(_fresh_state(), step=np.int64(0)).step == 0
+
+
 def _truncate_files(directory):
     for path in directory.rglob("*"):
         if path.is_file():
@@ -191,6 +257,19 @@ def _truncate_files(directory):
 
 def _delete_manifest(step_dir):
     (step_dir / "manifest" / "metadata").unlink()
+
+
+def _drop_a_shape(step_dir):
+    path = step_dir / "manifest" / "metadata"
+    manifest = json.loads(path.read_text())
+    del manifest["leaves"]["meta_params['Dense_0']['kernel']"]["shape"]
+    path.write_text(json.dumps(manifest))
+
+
+def _replace_by_older(step_dir):
+    # An intact checkpoint, but of step 1, under the name of step 2.
+    shutil.rmtree(step_dir)
+    shutil.copytree(step_dir.parent / "1", step_dir)
 
 
 def _swap_arrays(step_dir):
@@ -205,8 +284,20 @@ def _swap_arrays(step_dir):
         (lambda d: _truncate_files(d / "state"), "reading its arrays failed"),
         (_delete_manifest, "reading its manifest failed"),
         (_swap_arrays, "do not match the digests"),
+        (
+            _drop_a_shape,
+            r"reading its manifest failed \(ValueError: malformed manifest: leaf "
+            r"meta_params\['Dense_0'\]\['kernel'\] has no 'shape'\)",
+        ),
+        (_replace_by_older, r"holds the state of step 1, not 2"),
     ],
-    ids=["truncated-arrays", "deleted-manifest", "garbled-values"],
+    ids=[
+        "truncated-arrays",
+        "deleted-manifest",
+        "garbled-values",
+        "manifest-leaf-without-shape",
+        "copy-of-an-older-step",
+    ],
 )
 def test_corrupt_checkpoint_is_reported_or_falls_back(
     tmp_path, caplog, corrupt, reason

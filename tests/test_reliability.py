@@ -10,6 +10,8 @@ import dataclasses
 import json
 import math
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -247,9 +249,13 @@ def test_steps_zero_writes_config_and_checkpoint_and_evaluates(
     initial = _final_params(run)  # the step-0 checkpoint: the initialization
     assert initial.step == 0 and int(initial.state.skipped_steps) == 0
 
+    # eval only reads: a save in progress (a run still training) is left alone.
+    saving = run / "checkpoints" / "2.orbax-checkpoint-tmp"
+    saving.mkdir()
     argv = ["eval", "--run", str(run), "--data-dir", str(omniglot_dir)]
     code, out, err = _main([*argv, "--episodes", "4"], capsys)
     assert code == 0, err
+    assert saving.is_dir()
     assert "checkpoint step 0" in out and "| 1 |" in out
     results = json.loads((run / "test_results.json").read_text())
     assert results["trained_steps"] == 0 and results["skipped_steps"] == 0
@@ -437,6 +443,51 @@ def test_bad_eval_flags_exit_2_with_one_line(tmp_path, capsys, extra, message):
     code, _, err = _main(argv, capsys)
     assert code == 2 and message in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "batching",
+    [
+        ["--batching", "scan"],
+        pytest.param(
+            [],  # "auto", which resolves to scan only on CPU
+            marks=pytest.mark.skipif(
+                jax.default_backend() != "cpu", reason="auto is vmap off CPU"
+            ),
+        ),
+    ],
+    ids=["scan", "auto"],
+)
+def test_chunk_size_not_dividing_meta_batch_writes_nothing(tmp_path, capsys, batching):
+    run = tmp_path / "run"  # any folder is a --data-dir: rejected before reading
+    argv = ["train", "--preset", "omniglot-5w1s", "--data-dir", str(tmp_path)]
+    argv += ["--out", str(run), "--meta-batch", "4", "--chunk-size", "3", *batching]
+    code, _, err = _main(argv, capsys)
+    assert code == 2
+    _one_clean_line(err)
+    assert "--chunk-size (3) must divide --meta-batch (4)" in err
+    assert not run.exists()  # so the same --out can be used once fixed
+
+
+def test_meta_batch_not_splitting_over_devices_writes_nothing(tmp_path):
+    run = tmp_path / "run"
+    argv = ["train", "--preset", "omniglot-5w1s", "--shard", "--meta-batch", "3"]
+    done = subprocess.run(
+        [sys.executable, "-m", "maml_jax.app.cli", *argv]
+        + ["--data-dir", str(tmp_path), "--out", str(run)],
+        capture_output=True,
+        text=True,
+        env={
+            **os.environ,
+            "JAX_PLATFORMS": "cpu",
+            "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+        },
+        timeout=300,
+    )
+    assert done.returncode == 2
+    _one_clean_line(done.stderr)
+    assert "--meta-batch (3) must be a multiple of the 2 devices" in done.stderr
+    assert not run.exists()
 
 
 def test_resume_only_accepts_steps_and_nonfinite_policy(tmp_path, capsys):

@@ -208,6 +208,17 @@ class FewShotConfig:
                     f"--{name.replace('_', '-')} must be a finite "
                     f"number > 0; got {value}."
                 )
+        if (
+            self.chunk_size is not None
+            and self.batching in ("scan", "unroll")
+            and self.meta_batch % self.chunk_size
+        ):
+            # With batching None/"auto" this is checked once resolved (train).
+            raise ValueError(
+                f"--chunk-size ({self.chunk_size}) must divide --meta-batch "
+                f"({self.meta_batch}): batching {self.batching!r} splits the "
+                f"meta-batch into chunks of --chunk-size tasks."
+            )
         for name in ("checkpoint_every", "eval_every"):
             if getattr(self, name) % self.steps_per_call:
                 raise ValueError(

@@ -5,13 +5,17 @@ periodic validation, JSON-lines metrics, orbax checkpoints and exact resume;
 ``evaluate_run(run_dir)`` reports test accuracy after each inner step with 95%
 confidence intervals. The ``maml-jax train`` / ``maml-jax eval`` commands call
 these. A run folder holds ``config.json``, ``metrics.jsonl``, ``checkpoints/``,
-``learning_curve.png`` and ``<split>_results.json``. SIGTERM or SIGINT during
-``train`` finishes the current chunk of steps, saves a checkpoint and raises
-``TrainingInterrupted``; a resumed run continues exactly.
+``learning_curve.png``, ``<split>_results.json`` and ``train.lock``: ``train``
+holds an exclusive lock on it (``run_lock``), so a folder has one writer at a
+time; ``evaluate_run`` opens the checkpoints read-only, so it can evaluate a run
+that is still training. SIGTERM or SIGINT during ``train`` finishes the current
+chunk of steps, saves a checkpoint and raises ``TrainingInterrupted``; a
+resumed run continues exactly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -19,6 +23,7 @@ import platform
 import shutil
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,6 +33,7 @@ import numpy as np
 
 import maml_jax
 from maml_jax import episodes, sharding
+from maml_jax.app import run_lock
 from maml_jax.app.learners import build_learner
 from maml_jax.app.presets import ON_NONFINITE, SPLITS, FewShotConfig
 from maml_jax.checkpoint import Checkpointer
@@ -96,6 +102,10 @@ def train(
     first for several processes): parameters are replicated, each device samples
     and processes its share of the tasks, and only process 0 writes the config,
     the metrics log and the plot (checkpoints are written collectively by orbax).
+
+    The whole configuration is validated before anything is written in ``out``;
+    then (process 0) takes ``out``'s lock for the whole training
+    (``run_lock.RunLockedError`` if another ``train`` holds it).
     """
     out = Path(out)
     config_path = out / "config.json"
@@ -116,26 +126,44 @@ def train(
     )
     config.validate()
     if not resume:
-        if config_path.exists():
-            raise FileExistsError(
-                f"{out} already holds a run; pass --resume to continue it or choose "
-                f"another --out."
-            )
         config = config.resolved(shard=shard)
+        config.validate()  # what "auto" resolved to, e.g. the chunk size
     mesh = sharding.task_mesh() if shard else None
     if mesh is not None and config.batching != "vmap":
         raise ValueError(
             f"sharding splits only batching='vmap'; this run uses "
             f"{config.batching!r} (drop --batching, or do not shard)."
         )
+    if mesh is not None and config.meta_batch % mesh.size:
+        raise ValueError(
+            f"--meta-batch ({config.meta_batch}) must be a multiple of the "
+            f"{mesh.size} devices the tasks are split over."
+        )
     primary = sharding.is_primary()
     _prepare_out(out)
+    # One writer per run folder: lock it before writing anything in it, and
+    # only then look for an existing run (two trains cannot both find none).
+    with run_lock.hold(out) if primary else contextlib.nullcontext():
+        if not resume and config_path.exists():
+            raise FileExistsError(
+                f"{out} already holds a run; pass --resume to continue it or choose "
+                f"another --out."
+            )
+        return _train_locked(
+            config, data_dir, out, resume=resume, progress=progress, mesh=mesh
+        )
+
+
+def _train_locked(
+    config: FewShotConfig, data_dir, out: Path, *, resume: bool, progress: bool, mesh
+) -> maml_jax.MetaTrainState:
+    """``train`` once ``config`` is valid and ``out`` is locked."""
+    config_path = out / "config.json"
+    primary = sharding.is_primary()
     train_data = load_classes(config, data_dir, "train")
     val_data = load_classes(config, data_dir, "val")
     _check_episodes_fit(config, train_data, "train")
     _check_episodes_fit(config, val_data, "val")
-    if not resume and primary:
-        _write_atomic(config_path, json.dumps(dataclasses.asdict(config), indent=2))
 
     model, params, learner, tx = build_learner(config, train_data.shape[2:])
     state = maml_jax.MetaTrainState.create(
@@ -145,6 +173,8 @@ def train(
         batching=config.batching,
         chunk_size=config.chunk_size,
     )
+    if not resume and primary:  # the run exists once all of it is known to work
+        _write_atomic(config_path, json.dumps(dataclasses.asdict(config), indent=2))
     metrics_path = out / "metrics.jsonl"
     checkpointer = Checkpointer(out / "checkpoints", keep=3)
     if resume and checkpointer.latest_step() is not None:
@@ -271,7 +301,8 @@ def evaluate_run(
     _check_episodes_fit(config, data, split)
     _, params, learner, tx = build_learner(config, data.shape[2:])
     template = maml_jax.MetaTrainState.create(params=params, learner=learner, tx=tx)
-    with Checkpointer(run_dir / "checkpoints") as checkpointer:
+    # Read-only: the run may still be training (and saving) in another process.
+    with Checkpointer(run_dir / "checkpoints", read_only=True) as checkpointer:
         if checkpointer.latest_step() is None:
             raise FileNotFoundError(f"--run {run_dir}: no checkpoint to evaluate.")
         restored = checkpointer.restore(template, config=_config_dict(config))
@@ -352,9 +383,9 @@ def _config_dict(config: FewShotConfig) -> dict:
 def _prepare_out(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
+        # A unique name: another process may be probing the same folder.
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
     except OSError as error:
         raise OSError(f"--out {out} is not writable: {error.strerror}.") from None
     if not shutil.disk_usage(out).free:
