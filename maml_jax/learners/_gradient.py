@@ -140,3 +140,30 @@ def check_flag(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False; got {value!r}.")
     return value
+
+
+def reject_inner_optimizer(name: str, inner_optimizer: Any) -> None:
+    if inner_optimizer is not None:
+        raise ValueError(
+            f"{name} learns its inner update rule (its rates are meta-parameters), "
+            f"so it takes no inner_optimizer; set the initial rate with inner_lr."
+        )
+
+
+def check_scalar_lr(inner_lr: Any) -> float:
+    inner_lr = _validation.check_learning_rate("inner_lr", inner_lr)
+    if not _validation.is_scalar(inner_lr):
+        raise TypeError(
+            f"inner_lr is the initial value of the learned rates: a number; got "
+            f"{type(inner_lr).__name__}."
+        )
+    return inner_lr
+
+
+def check_meta_params(meta_params: Any, kind: type, name: str) -> None:
+    if not isinstance(meta_params, kind):
+        raise TypeError(
+            f"{name}'s meta-parameters are a maml_jax.{kind.__name__}(params, "
+            f"inner_lr); got {type(meta_params).__name__}. Build them with "
+            f"learner.init(params)."
+        )

@@ -9,10 +9,12 @@ import jax.numpy as jnp
 import optax
 
 from maml_jax import _validation, update_rules
-from maml_jax.learners._gradient import InnerProblem, check_flag, gradient_learner
-from maml_jax.learners.meta_sgd import (
+from maml_jax.learners._gradient import (
+    InnerProblem,
+    check_flag,
     check_meta_params,
     check_scalar_lr,
+    gradient_learner,
     reject_inner_optimizer,
 )
 from maml_jax.types import LossFn, MetaLearner, Params

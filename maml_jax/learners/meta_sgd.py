@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from maml_jax import _validation, update_rules
-from maml_jax.learners._gradient import InnerProblem, check_flag, gradient_learner
+from maml_jax.learners._gradient import (
+    InnerProblem,
+    check_flag,
+    check_meta_params,
+    check_scalar_lr,
+    gradient_learner,
+    reject_inner_optimizer,
+)
 from maml_jax.types import LossFn, MetaLearner, Params
 
 
@@ -89,30 +96,3 @@ def meta_sgd(
         remat=check_flag("remat", remat),
         has_aux=has_aux,
     )
-
-
-def reject_inner_optimizer(name: str, inner_optimizer: Any) -> None:
-    if inner_optimizer is not None:
-        raise ValueError(
-            f"{name} learns its inner update rule (its rates are meta-parameters), "
-            f"so it takes no inner_optimizer; set the initial rate with inner_lr."
-        )
-
-
-def check_scalar_lr(inner_lr: Any) -> float:
-    inner_lr = _validation.check_learning_rate("inner_lr", inner_lr)
-    if not _validation.is_scalar(inner_lr):
-        raise TypeError(
-            f"inner_lr is the initial value of the learned rates: a number; got "
-            f"{type(inner_lr).__name__}."
-        )
-    return inner_lr
-
-
-def check_meta_params(meta_params: Any, kind: type, name: str) -> None:
-    if not isinstance(meta_params, kind):
-        raise TypeError(
-            f"{name}'s meta-parameters are a maml_jax.{kind.__name__}(params, "
-            f"inner_lr); got {type(meta_params).__name__}. Build them with "
-            f"learner.init(params)."
-        )
