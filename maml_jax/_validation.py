@@ -98,7 +98,31 @@ def split_loss_output(out: Any, has_aux: bool, where: str) -> tuple[jax.Array, A
 
 
 def check_task(task: Any, where: str) -> None:
-    """Checks that ``task`` is a ``Task`` whose support and query trees match."""
+    """Checks one task: a ``Task`` whose support and query trees match and hold
+    at least one example each (the leading axis of every leaf is the example axis).
+    """
+    _check_task_structure(task, where)
+    check_examples(task.support, f"{where}: task.support")
+    check_examples(task.query, f"{where}: task.query")
+
+
+def check_examples(batch: Any, where: str, *, axis: int = 0) -> None:
+    """Checks that no leaf of a support or query batch has an empty example axis.
+
+    ``axis`` is the example axis: 0 for one task's batch, 1 under a task axis.
+    Leaves with no such axis (per-task scalars) are not examples and pass.
+    """
+    for path, leaf in zip(_paths(batch), jax.tree.leaves(batch), strict=True):
+        shape = jnp.shape(leaf)
+        if len(shape) > axis and shape[axis] == 0:
+            raise ValueError(
+                f"{where}{path} has shape {shape}: its example axis (axis {axis}) "
+                f"is empty. A support or query set needs at least one example; "
+                f"with none, adaptation would silently do nothing."
+            )
+
+
+def _check_task_structure(task: Any, where: str) -> None:
     if not isinstance(task, Task):
         raise TypeError(
             f"{where} expects a maml_jax.Task(support, query); "
@@ -115,8 +139,12 @@ def check_task(task: Any, where: str) -> None:
 
 
 def check_task_batch(tasks: Any, where: str) -> int:
-    """Checks a batch of tasks and returns the number of tasks (the leading axis)."""
-    check_task(tasks, where)
+    """Checks a batch of tasks and returns the number of tasks (the leading axis).
+
+    The batch needs at least one task, and each task at least one support and
+    one query example (axis 1 of every leaf that has one).
+    """
+    _check_task_structure(tasks, where)
     sizes = {}
     for part in ("support", "query"):
         tree = getattr(tasks, part)
@@ -135,7 +163,15 @@ def check_task_batch(tasks: Any, where: str) -> int:
             f"{where}: every leaf of the task batch must have the same leading task "
             f"axis length; got {listing}. Did a leaf lose its task axis?"
         )
-    return next(iter(sizes.values()))
+    num_tasks = next(iter(sizes.values()))
+    if num_tasks == 0:
+        raise ValueError(
+            f"{where}: a batch of tasks needs at least one task; the leading task "
+            f"axis of every leaf has length 0."
+        )
+    check_examples(tasks.support, f"{where}: task.support", axis=1)
+    check_examples(tasks.query, f"{where}: task.query", axis=1)
+    return num_tasks
 
 
 def is_scalar(x: Any) -> bool:

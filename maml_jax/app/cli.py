@@ -6,21 +6,38 @@
 * ``maml-jax eval --run runs/NAME --data-dir DIR`` — test accuracy ± 95% CI.
 * ``maml-jax sinusoid [options]`` — the MAML paper's sinusoid regression.
 
-Errors in what the user gave print one line and exit with status 2 (``--debug``
+Errors in what the user gave (a bad option, a missing or unreadable file, a size
+that cannot fit in memory) print one line and exit with status 2 (``--debug``
 shows the traceback); so does a non-finite meta-loss or meta-gradient during
 ``train`` unless ``--on-nonfinite skip`` skips such steps and counts them.
 SIGTERM or SIGINT during ``train`` finishes the current chunk of steps, saves a
 checkpoint and exits with status 128 + signal number (143 / 130) and a one-line
-message; ``--resume`` continues exactly.
+message; ``--resume`` continues exactly. SIGINT at any other time (start-up,
+``eval``, ``sinusoid``) prints one line and exits with status 130.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 128 + 2  # SIGINT
+
+COMMANDS = ("train", "eval", "sinusoid")
+# What bad input, files and sizes raise. Anything else, and a RuntimeError that
+# is neither a corrupt checkpoint nor XLA running out of memory, is a bug and
+# shows its traceback.
+EXPECTED_ERRORS = (
+    ValueError,
+    TypeError,
+    OSError,  # FileNotFoundError, FileExistsError, PermissionError, ...
+    ArithmeticError,  # FloatingPointError, OverflowError, ZeroDivisionError
+    MemoryError,
+    RuntimeError,
+)
 
 
 def _debug_flag(parser) -> None:
@@ -169,10 +186,9 @@ def _run_train(args) -> None:
 
 
 def _run_eval(args) -> None:
-    from maml_jax.app import runs
+    from maml_jax.app import options, runs
 
-    if args.episodes < 2:
-        raise ValueError(f"--episodes must be >= 2; got {args.episodes}.")
+    options.check_range("--episodes", args.episodes, 2, options.MAX_EPISODES)
     results = runs.evaluate_run(
         args.run,
         args.data_dir,
@@ -184,15 +200,74 @@ def _run_eval(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs the command in ``argv`` (default ``sys.argv[1:]``); the exit status.
+
+    Without ``argv`` this is the process's entry point, and after an interrupt
+    the process ends at once (see ``_leave``).
+    """
+    entry = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    prog = "maml-jax" if command not in COMMANDS else f"maml-jax {command}"
+    debug = "--debug" in argv
+    try:
+        return _main(argv, prog)
+    except KeyboardInterrupt:
+        # SIGINT outside train's handler (start-up, eval, sinusoid): nothing to
+        # save, so one line instead of a traceback from wherever it landed.
+        if debug:
+            raise
+        print(f"{prog}: interrupted (SIGINT).", file=sys.stderr)
+        if entry:
+            _leave(EXIT_INTERRUPTED)
+        return EXIT_INTERRUPTED
+    except EXPECTED_ERRORS as error:
+        line = None if debug else _error_line(error)
+        if line is None:
+            raise
+        print(f"{prog}: error: {line}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _leave(status: int) -> None:
+    """Ends the process now, without the interpreter's teardown.
+
+    An interrupt can land while XLA's threads still work (a compile, a
+    transfer); tearing the interpreter down under them has crashed with SIGSEGV.
+    Every ``finally`` has run by now (logs closed, files replaced atomically),
+    so only exit hooks are skipped, as after a signal.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+def _error_line(error: BaseException) -> str | None:
+    """The one line an expected error prints, or ``None`` for a bug."""
+    from maml_jax.checkpoint import CorruptCheckpointError
+
+    text = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, MemoryError) or (
+        isinstance(error, RuntimeError) and "RESOURCE_EXHAUSTED" in text
+    ):
+        return f"out of memory ({text[:300]}); use smaller sizes (see --help)."
+    if isinstance(error, RuntimeError) and not isinstance(
+        error, CorruptCheckpointError
+    ):
+        return None
+    return text
+
+
+def _main(argv: list[str], prog: str) -> int:
+    # Everything that imports jax runs in here, inside main's handlers.
+    from maml_jax.app import options
+
     if argv and argv[0] == "sinusoid":
         from maml_jax.app import sinusoid
 
         sinusoid.main(argv[1:])
         return 0
-    parser = argparse.ArgumentParser(
-        prog="maml-jax", description=__doc__.split("\n")[0]
-    )
+    parser = options.ArgumentParser(prog="maml-jax", description=__doc__.split("\n")[0])
     parser.add_argument(
         "--debug", action="store_true", help="show the full traceback on errors"
     )
@@ -204,24 +279,12 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("sinusoid", help="sinusoid regression (maml-jax sinusoid --help)")
     args = parser.parse_args(argv)
     from maml_jax.app.runs import TrainingInterrupted
-    from maml_jax.checkpoint import CorruptCheckpointError
 
     try:
         {"train": _run_train, "eval": _run_eval}[args.command](args)
     except TrainingInterrupted as stopped:
-        print(f"maml-jax {args.command}: {stopped}", file=sys.stderr)
+        print(f"{prog}: {stopped}", file=sys.stderr)
         return 128 + stopped.signum
-    except (
-        ValueError,
-        TypeError,
-        OSError,
-        FloatingPointError,
-        CorruptCheckpointError,
-    ) as error:
-        if args.debug:
-            raise
-        print(f"maml-jax {args.command}: error: {error}", file=sys.stderr)
-        return EXIT_USAGE
     return 0
 
 

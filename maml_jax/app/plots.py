@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 
 def learning_curve(metrics_path, png_path, *, title: str = "") -> Path:
@@ -19,15 +22,11 @@ def learning_curve(metrics_path, png_path, *, title: str = "") -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [
-        json.loads(line)
-        for line in Path(metrics_path).read_text().splitlines()
-        if line.strip()
-    ]
+    records = read_records(metrics_path)
     steps = [r["step"] for r in records]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
-    losses = [r["loss"] for r in records]
-    ax_loss.plot(steps, losses, lw=0.8)
+    losses = [r["loss"] for r in records if "loss" in r]
+    ax_loss.plot([r["step"] for r in records if "loss" in r], losses, lw=0.8)
     ax_loss.set_xlabel("meta-step")
     ax_loss.set_ylabel("meta-loss")
     if losses and min(losses) > 0:  # a log axis needs positive values
@@ -39,7 +38,7 @@ def learning_curve(metrics_path, png_path, *, title: str = "") -> Path:
             continue
         ax_acc.plot(
             steps,
-            [r.get(name + suffix) for r in records],
+            [r.get(name + suffix, float("nan")) for r in records],
             lw=0.8,
             label=f"train {label}",
         )
@@ -59,3 +58,34 @@ def learning_curve(metrics_path, png_path, *, title: str = "") -> Path:
     fig.savefig(png_path, dpi=110)
     plt.close(fig)
     return Path(png_path)
+
+
+def read_records(metrics_path) -> list[dict]:
+    """The records of a metrics log; malformed lines are skipped with a warning.
+
+    A line is a record if it is a JSON object with a numeric ``step``; anything
+    else (a line cut short by a crash, an edited line) is skipped, and one
+    warning names how many lines were and the first of them.
+    """
+    records, bad = [], []
+    for number, line in enumerate(Path(metrics_path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        step = record.get("step") if isinstance(record, dict) else None
+        if isinstance(step, bool) or not isinstance(step, int | float):
+            bad.append(number)
+            continue
+        records.append(record)
+    if bad:
+        logger.warning(
+            "%s: skipped %d malformed line(s) (not a JSON record with a 'step'; "
+            "first: line %d).",
+            metrics_path,
+            len(bad),
+            bad[0],
+        )
+    return records

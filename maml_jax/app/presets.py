@@ -20,6 +20,8 @@ unpinned shuffle; we use the published split so numbers are comparable.)
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -27,6 +29,7 @@ import numpy as np
 
 import maml_jax
 from maml_jax import core, episodes, models, ops
+from maml_jax.app import options
 from maml_jax.app.learners import ALGORITHMS
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -102,6 +105,8 @@ SPLITS = {
     },
     "miniimagenet": {"train": "train", "val": "val", "test": "test"},
 }
+# Each dataset's images as the runs load them (float32).
+IMAGE_SHAPES = {"omniglot": (28, 28, 1), "miniimagenet": (84, 84, 3)}
 # --on-nonfinite: "stop" raises FloatingPointError at the first non-finite step;
 # "skip" leaves the parameters unchanged at such a step and counts it.
 ON_NONFINITE = {"stop": "raise", "skip": "skip"}
@@ -153,7 +158,57 @@ class FewShotConfig:
         config.validate()
         return config
 
-    def validate(self) -> None:
+    @classmethod
+    def load(cls, path) -> FewShotConfig:
+        """Reads and validates a run's ``config.json`` (``ValueError`` if unusable).
+
+        The memory check of ``validate`` is left to whoever allocates (``train``).
+        """
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid JSON: {error}.") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path} must hold a JSON object of the run's settings.")
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - set(names))
+        missing = sorted(
+            name
+            for name, f in names.items()
+            if name not in raw and f.default is dataclasses.MISSING
+        )
+        if unknown or missing:
+            raise ValueError(
+                f"{path} is not a run configuration: "
+                + "; ".join(
+                    f"{label} {', '.join(keys)}"
+                    for label, keys in (("unknown keys", unknown), ("missing", missing))
+                    if keys
+                )
+                + "."
+            )
+        for name, value in raw.items():
+            if not _has_type(value, names[name].type):
+                raise ValueError(
+                    f"{path}: {name} must be {names[name].type}; got {value!r}."
+                )
+        config = cls(**raw)
+        try:
+            config.validate(memory=False)
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
+        return config
+
+    def validate(self, *, memory: bool = True) -> None:
+        """Checks every field (``ValueError`` naming the option and its limit).
+
+        With ``memory``, also that the validation episodes fit on the device.
+        """
+        if self.dataset not in SPLITS:
+            raise ValueError(
+                f"unknown dataset {self.dataset!r}; choose from {', '.join(SPLITS)}."
+            )
         if self.algorithm not in ALGORITHMS:
             raise ValueError(
                 f"--algorithm {self.algorithm!r} is not available; choose from "
@@ -176,14 +231,19 @@ class FewShotConfig:
                     f"--{name.replace('_', '-')} must be >= 1; got "
                     f"{getattr(self, name)}."
                 )
-        if self.steps < 0:
-            raise ValueError(f"--steps must be >= 0; got {self.steps}.")
-        for name in ("filters", "chunk_size"):
+        options.check_range("--steps", self.steps, 0, options.MAX_STEPS)
+        for name, most in (
+            ("meta_batch", options.MAX_META_BATCH),
+            ("inner_steps", options.MAX_INNER_STEPS),
+            ("test_inner_steps", options.MAX_TEST_INNER_STEPS),
+            ("val_episodes", options.MAX_EPISODES),
+            ("steps_per_call", options.MAX_STEPS_PER_CALL),
+            ("filters", options.MAX_WIDTH),
+            ("chunk_size", options.MAX_META_BATCH),
+        ):
             value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(
-                    f"--{name.replace('_', '-')} must be >= 1; got {value}."
-                )
+            if value is not None:
+                options.check_range(f"--{name.replace('_', '-')}", value, 1, most)
         if not 0 <= self.seed < 2**32:
             raise ValueError(f"--seed must be in [0, 2**32); got {self.seed}.")
         if self.conv_impl not in (None, *ops.CONV_IMPLS):
@@ -229,6 +289,20 @@ class FewShotConfig:
             raise ValueError("--precision must be float32 or bfloat16.")
         if self.norm not in models.NORMS:
             raise ValueError(f"--norm must be one of {models.NORMS}.")
+        if memory:
+            self.check_episodes_memory("--val-episodes", self.val_episodes)
+
+    def check_episodes_memory(self, option: str, count: int) -> None:
+        """Checks that ``count`` episodes of this run fit on the device at once."""
+        images = self.ways * (self.shots + self.queries)
+        shape = IMAGE_SHAPES[self.dataset]
+        options.check_memory(
+            option,
+            count,
+            4 * images * int(np.prod(shape)),
+            f"the episodes ({images} images of {'×'.join(map(str, shape))} float32 "
+            f"each)",
+        )
 
     @property
     def spec(self) -> episodes.EpisodeSpec:
@@ -256,3 +330,15 @@ class FewShotConfig:
             batching=batching,
             chunk_size=chunk,
         )
+
+
+def _has_type(value: Any, annotation: str) -> bool:
+    """Whether a JSON value fits a field's annotation (``"int"``, ``"str | None"``)."""
+    kinds = {
+        "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+        "float": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+        "str": lambda v: isinstance(v, str),
+        "bool": lambda v: isinstance(v, bool),
+        "None": lambda v: v is None,
+    }
+    return any(kinds[kind](value) for kind in annotation.split(" | "))

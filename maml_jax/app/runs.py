@@ -33,7 +33,7 @@ import numpy as np
 
 import maml_jax
 from maml_jax import episodes, sharding
-from maml_jax.app import run_lock
+from maml_jax.app import options, run_lock
 from maml_jax.app.learners import build_learner
 from maml_jax.app.presets import ON_NONFINITE, SPLITS, FewShotConfig
 from maml_jax.checkpoint import Checkpointer
@@ -114,7 +114,7 @@ def train(
             raise FileNotFoundError(
                 f"--resume: no run to resume at {out} (no config.json)."
             )
-        config = FewShotConfig(**json.loads(config_path.read_text()))
+        config = FewShotConfig.load(config_path)
     elif not isinstance(config, FewShotConfig):
         raise TypeError(
             f"config must be a FewShotConfig unless resume=True; got "
@@ -291,12 +291,12 @@ def evaluate_run(
         raise FileNotFoundError(
             f"--run {run_dir}: not a training run (no config.json)."
         )
-    config = FewShotConfig(**json.loads(config_path.read_text()))
+    config = FewShotConfig.load(config_path)
     if split not in SPLITS[config.dataset]:
         raise ValueError(f"--split must be one of {', '.join(SPLITS[config.dataset])}.")
     steps = config.test_inner_steps if inner_steps is None else inner_steps
-    if steps < 1:
-        raise ValueError(f"--inner-steps must be >= 1; got {steps}.")
+    options.check_range("--inner-steps", steps, 1, options.MAX_TEST_INNER_STEPS)
+    config.check_episodes_memory("--episodes", episodes_count)
     data = load_classes(config, data_dir, split)
     _check_episodes_fit(config, data, split)
     _, params, learner, tx = build_learner(config, data.shape[2:])
@@ -395,17 +395,26 @@ def _prepare_out(out: Path) -> None:
 def _truncate_log(path: Path, step: int) -> None:
     """Drops log records after ``step`` so a resumed log has every step once.
 
-    A line cut short by a crash (the only place one can be is the end) is dropped.
+    A line cut short by a crash (the only place one can be is the end) is dropped;
+    a record without an integer ``step`` is a ``ValueError`` (the log is not one
+    ``train`` wrote, and dropping it would lose what it holds).
     """
     if not path.exists():
         return
     kept = []
-    for line in path.read_text().splitlines():
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if record["step"] <= step:
+        logged = record.get("step") if isinstance(record, dict) else None
+        if isinstance(logged, bool) or not isinstance(logged, int):
+            raise ValueError(
+                f"{path} line {number} has no integer 'step', so the log cannot be "
+                f"cut back to the checkpoint's step {step}; fix or remove that line "
+                f"(or the whole log) and resume again."
+            )
+        if logged <= step:
             kept.append(line)
     _write_atomic(path, "".join(line + "\n" for line in kept))
 

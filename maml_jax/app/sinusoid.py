@@ -25,8 +25,8 @@ Command (the full run): ``maml-jax sinusoid --out runs/sinusoid`` (or
 
 from __future__ import annotations
 
-import argparse
 import json
+import math
 import platform
 import sys
 import time
@@ -39,11 +39,14 @@ import optax
 
 import maml_jax
 from maml_jax import MetaLearner, Task, core
+from maml_jax.app import options
 from maml_jax.app.learners import REGRESSION_ALGORITHMS, make_learner
 
 # MAML's 5-shot MSE after 1, 5 and 10 inner steps that a run is compared with.
 PAPER_5SHOT = {1: 0.67, 5: 0.38, 10: 0.35}
 REPORT_STEPS = (0, 1, 5, 10)
+# Learners whose meta-gradient does not keep every inner step's activations.
+_FIRST_ORDER = ("fomaml", "reptile", "imaml")
 
 
 def pretrained_baseline(loss_fn, *, inner_lr: float) -> MetaLearner:
@@ -82,7 +85,10 @@ def pretrained_baseline(loss_fn, *, inner_lr: float) -> MetaLearner:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    """The validated options (``ValueError`` / ``FileExistsError`` if not valid)."""
+    p = options.ArgumentParser(
+        prog="maml-jax sinusoid", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--algorithm", default="maml", choices=REGRESSION_ALGORITHMS)
     p.add_argument("--steps", type=int, default=70_000)
     p.add_argument("--meta-batch", type=int, default=25)
@@ -102,11 +108,94 @@ def parse_args(argv):
     p.add_argument("--no-baseline", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--smoke", action="store_true", help="tiny run, seconds")
+    p.add_argument(
+        "--debug", action="store_true", help="show the full traceback on errors"
+    )
     args = p.parse_args(argv)
     if args.smoke:
         args.steps, args.test_tasks, args.steps_per_call = 200, 40, 100
         args.test_steps = max(REPORT_STEPS)
+    validate(args)
     return args
+
+
+def validate(args) -> None:
+    """Checks every option before any work, so a bad one fails in a second.
+
+    Counts have a floor and a cap (``maml_jax.app.options``); the memory of one
+    meta-step and of the test evaluation is estimated and compared with the
+    device's; the confidence intervals need at least two test tasks.
+    """
+    check = options.check_range
+    check("--steps", args.steps, 0, options.MAX_STEPS)
+    check("--meta-batch", args.meta_batch, 1, options.MAX_META_BATCH)
+    for name in ("shots", "queries", "test_queries"):
+        check(
+            f"--{name.replace('_', '-')}", getattr(args, name), 1, options.MAX_EXAMPLES
+        )
+    for shots in args.test_shots:
+        check("--test-shots", shots, 1, options.MAX_EXAMPLES)
+    check("--inner-steps", args.inner_steps, 1, options.MAX_INNER_STEPS)
+    check("--test-steps", args.test_steps, 1, options.MAX_TEST_INNER_STEPS)
+    check("--steps-per-call", args.steps_per_call, 1, options.MAX_STEPS_PER_CALL)
+    # mean_ci95 needs two values for a sample standard deviation.
+    check("--test-tasks", args.test_tasks, 2, options.MAX_EPISODES)
+    check("--seed", args.seed, 0, options.MAX_SEED - 1)
+    if len(args.hidden) > options.MAX_LAYERS:
+        raise ValueError(
+            f"--hidden takes at most {options.MAX_LAYERS} layers; got "
+            f"{len(args.hidden)}."
+        )
+    for width in args.hidden:
+        check("--hidden", width, 1, options.MAX_WIDTH)
+    for name in ("inner_lr", "outer_lr"):
+        value = getattr(args, name)
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(
+                f"--{name.replace('_', '-')} must be a finite number > 0; got {value}."
+            )
+    if args.out.exists() and not args.out.is_dir():
+        raise FileExistsError(f"--out {args.out} exists and is not a folder.")
+    _check_memory(args)
+
+
+def _check_memory(args) -> None:
+    """Compares the float32 arrays one meta-step and the evaluation keep per task
+    (parameters per inner step and gradients, activations per example) with the
+    device memory; XLA's own compiled step measured within 1.5× of this.
+    """
+    widths = [1, *args.hidden, 1]
+    num_params = sum(m * n + n for m, n in zip(widths[:-1], widths[1:], strict=True))
+    units = sum(widths)
+    kept = 1 if args.algorithm in _FIRST_ORDER else args.inner_steps
+    examples = args.shots + args.queries
+    per_task = 4 * (num_params * (kept + 2) + examples * units * 2 * (kept + 1))
+    options.check_memory(
+        "--meta-batch",
+        args.meta_batch,
+        per_task,
+        f"the meta-step's tasks ({examples} points each through layers "
+        f"{args.hidden}, {kept} inner step(s) kept)",
+    )
+    examples = max(args.test_shots) + args.test_queries
+    per_task = 4 * (3 * num_params + examples * units * 2)
+    options.check_memory(
+        "--test-tasks",
+        args.test_tasks,
+        per_task,
+        f"the test tasks, adapted all at once ({examples} points each through "
+        f"layers {args.hidden})",
+    )
+
+
+def _prepare_out(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise OSError(f"--out {out} is not writable: {error.strerror}.") from None
 
 
 def step_time_ms(state, tasks, repeats: int = 200) -> dict[str, float]:
@@ -230,7 +319,7 @@ def plot(path, apply_fn, results_params, learners, args, inner_lr):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     out = args.out
-    out.mkdir(parents=True, exist_ok=True)
+    _prepare_out(out)
     model = maml_jax.MLP(hidden_sizes=tuple(args.hidden))
     params = model.init(jax.random.key(args.seed), jnp.zeros((1, 1)))["params"]
     loss_fn = maml_jax.regression_loss(model.apply)
@@ -336,4 +425,6 @@ def table(results) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    from maml_jax.app import cli  # one-line errors and exit codes, as maml-jax
+
+    sys.exit(cli.main(["sinusoid", *sys.argv[1:]]))

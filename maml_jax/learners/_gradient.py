@@ -92,6 +92,7 @@ def gradient_learner(
     def adapt(
         meta_params: MetaParams, support: Batch, *, num_steps: int | None = None
     ) -> Params:
+        _validation.check_examples(support, "adapt: support")
         problem, phi, _ = run(meta_params, support, steps(num_steps))
         return problem.to_model(phi)
 

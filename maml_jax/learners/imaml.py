@@ -166,6 +166,7 @@ def imaml(
         meta_params: Params, support: Batch, *, num_steps: int | None = None
     ) -> Params:
         _validation.check_lr_matches_params("inner_lr", inner_lr, meta_params)
+        _validation.check_examples(support, "adapt: support")
         if num_steps is None:
             num_steps = num_inner_steps
         num_steps = _validation.check_positive_int("num_steps", num_steps)

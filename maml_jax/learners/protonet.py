@@ -222,6 +222,7 @@ def protonet(
         meta_params: Params, support: Batch, *, num_steps: int | None = None
     ) -> Params:
         del num_steps
+        _validation.check_examples(support, "adapt: support")
         _unpack(support, "adapt: support")
         return meta_params
 
@@ -233,6 +234,7 @@ def protonet(
         num_steps: int | None = None,
     ) -> jax.Array:
         del num_steps
+        _validation.check_examples(support, "predict: support")
         s_inputs, s_labels = _unpack(support, "predict: support")
         s_emb = embed(meta_params, s_inputs, s_labels, "predict: support")
         prototypes = class_prototypes(s_emb, s_labels, ways)
