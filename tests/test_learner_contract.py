@@ -70,8 +70,12 @@ LEARNERS = {
     "anil": _row(
         maml_jax.anil, inner_lr=0.01, num_inner_steps=2, adapt_mask=_head_only
     ),
+    # eps_root > 0: Adam's sqrt(v) has an infinite derivative where an inner
+    # gradient is exactly zero (a dead ReLU's weights), see maml's docstring.
     "maml_adam": _row(
-        maml_jax.maml, inner_optimizer=optax.adam(1e-2), num_inner_steps=2
+        maml_jax.maml,
+        inner_optimizer=optax.adam(1e-2, eps_root=1e-12),
+        num_inner_steps=2,
     ),
     "reptile": _row(maml_jax.reptile, inner_lr=0.01, num_inner_steps=3),
     "meta_sgd": _row(maml_jax.meta_sgd, inner_lr=0.01),

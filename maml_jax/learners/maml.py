@@ -42,7 +42,10 @@ def maml(
         matching ``params`` with a scalar or parameter-shaped rate per leaf.
       inner_optimizer: any ``optax.GradientTransformation`` (e.g.
         ``optax.adam(1e-2)``, ``optax.sgd(0.1, momentum=0.9)``), differentiated
-        through. Give this or ``inner_lr``.
+        through. Give this or ``inner_lr``. Differentiating through Adam needs
+        ``eps_root > 0`` (e.g. ``optax.adam(1e-2, eps_root=1e-12)``) when an
+        inner gradient can be exactly zero (ReLU networks): the derivative of
+        ``sqrt(v)`` at ``v = 0`` is infinite and the meta-gradient becomes NaN.
       num_inner_steps: ``K >= 1``, the trained number of inner steps (``adapt``
         and ``adaptation_curve`` take others). The inner loop is a
         ``lax.scan``: compile time does not grow with ``K``.
