@@ -4,10 +4,11 @@
 periodic validation, JSON-lines metrics, orbax checkpoints and exact resume;
 ``evaluate_run(run_dir)`` reports test accuracy after each inner step with 95%
 confidence intervals. The ``maml-jax train`` / ``maml-jax eval`` commands call
-these. A run folder holds ``config.json``, ``metrics.jsonl``, ``checkpoints/``,
-``learning_curve.png`` and ``<split>_results.json``. SIGTERM or SIGINT during
-``train`` finishes the current chunk of steps, saves a checkpoint and raises
-``TrainingInterrupted``; a resumed run continues exactly.
+these. A run folder holds ``config.json`` (which records the data folder, the
+default of ``evaluate_run`` and of a resume), ``metrics.jsonl``,
+``checkpoints/``, ``learning_curve.png`` and ``<split>_results.json``. SIGTERM
+or SIGINT during ``train`` finishes the current chunk of steps, saves a
+checkpoint and raises ``TrainingInterrupted``; a resumed run continues exactly.
 """
 
 from __future__ import annotations
@@ -46,6 +47,48 @@ class TrainingInterrupted(Exception):
         )
 
 
+def load_config(run_dir, *, flag: str = "--run") -> FewShotConfig:
+    """The configuration a run saved in ``<run_dir>/config.json``."""
+    path = Path(run_dir) / "config.json"
+    if not path.exists():
+        what = "no run to resume" if flag == "--resume" else "not a training run"
+        raise FileNotFoundError(f"{flag} {run_dir}: {what} (no config.json).")
+    return FewShotConfig(**json.loads(path.read_text()))
+
+
+def data_folder(config: FewShotConfig, data_dir, run_dir=None) -> Path:
+    """``data_dir`` if given, else the folder recorded in ``config``; checked to exist.
+
+    Returned absolute (links are kept, not resolved), as ``train`` records it.
+    ``run_dir`` names the run whose ``config.json`` recorded the folder (``None``
+    for a new run).
+    """
+    if data_dir is not None:
+        path = Path(data_dir)
+        if not path.is_dir():
+            raise FileNotFoundError(
+                f"--data-dir {path} does not exist or is not a folder."
+            )
+        return Path(os.path.abspath(path))
+    where = "the configuration"
+    if run_dir is not None:
+        where = str(Path(run_dir) / "config.json")
+    if config.data_dir is None:
+        if run_dir is None:
+            raise ValueError("--data-dir is required for a new run.")
+        raise ValueError(
+            f"--data-dir is required: {where} records no data folder (the run "
+            f"was written before data folders were recorded)."
+        )
+    path = Path(config.data_dir)
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"the data folder recorded in {where}, {path}, no longer exists; "
+            f"pass --data-dir."
+        )
+    return path
+
+
 def load_classes(config: FewShotConfig, data_dir, split: str) -> np.ndarray:
     """The ``(num_classes, num_examples, H, W, C)`` array of one split."""
     from maml_jax import datasets
@@ -78,18 +121,31 @@ def train(
     progress: bool = True,
     shard: bool = False,
     on_nonfinite: str | None = None,
+    steps_per_call: int | None = None,
+    eval_every: int | None = None,
+    checkpoint_every: int | None = None,
 ) -> maml_jax.MetaTrainState:
     """Meta-trains (or resumes) a run in directory ``out``.
 
-    With ``resume=True`` the run's saved configuration is used (``config`` is
-    ignored and may be ``None``); ``steps`` then changes the run's length and
-    ``on_nonfinite`` the policy for non-finite steps (e.g. ``"skip"`` to get
-    past a step that stopped the run). A step whose meta-loss or meta-gradient
-    is not finite stops training (``FloatingPointError`` naming the step and
-    the last good checkpoint; none is written after it) or, with
-    ``on_nonfinite="skip"``, is skipped: parameters and optimizer state stay as
-    they were and ``state.skipped_steps`` (logged as ``skipped_steps``,
-    checkpointed) counts it.
+    ``data_dir`` is recorded (absolute) in ``config.json``. With
+    ``resume=True`` the run's saved configuration is used (``config`` is
+    ignored and may be ``None``), and ``data_dir=None`` means the recorded
+    folder (a different ``data_dir`` is recorded in its place). ``steps``,
+    ``on_nonfinite``, ``steps_per_call``, ``eval_every`` and
+    ``checkpoint_every`` (``presets.FREE_ON_RESUME``), when given, override the
+    configuration for this call, e.g. ``steps`` to lengthen a run or
+    ``on_nonfinite="skip"`` to get past a step that stopped it; ``config.json``
+    keeps the saved values. Chunks of steps end at every multiple of
+    ``eval_every`` and of ``checkpoint_every``, so validation and checkpoints
+    come at those steps for any ``steps_per_call``, which only sets the longest
+    chunk (how often the host looks in, and how soon a signal is handled).
+
+    A step whose meta-loss or meta-gradient is not finite stops training
+    (``FloatingPointError`` naming the step and the last good checkpoint; none
+    is written after it) or, with ``on_nonfinite="skip"``, is skipped:
+    parameters and optimizer state stay as they were and
+    ``state.skipped_steps`` (logged as ``skipped_steps``, checkpointed) counts
+    it.
 
     With ``shard=True`` the task batch is split over every device of every
     process (``maml_jax.sharding``; call ``sharding.initialize_distributed``
@@ -99,29 +155,38 @@ def train(
     """
     out = Path(out)
     config_path = out / "config.json"
+    changes = {
+        "steps": steps,
+        "on_nonfinite": on_nonfinite,
+        "steps_per_call": steps_per_call,
+        "eval_every": eval_every,
+        "checkpoint_every": checkpoint_every,
+    }
+    changes = {k: v for k, v in changes.items() if v is not None}
     if resume:
-        if not config_path.exists():
-            raise FileNotFoundError(
-                f"--resume: no run to resume at {out} (no config.json)."
-            )
-        config = FewShotConfig(**json.loads(config_path.read_text()))
+        # config.json keeps the saved configuration (this call's changes are
+        # for this call only) and the data folder last trained on.
+        recorded = load_config(out, flag="--resume")
+        config = dataclasses.replace(recorded, **changes)
     elif not isinstance(config, FewShotConfig):
         raise TypeError(
             f"config must be a FewShotConfig unless resume=True; got "
             f"{type(config).__name__}."
         )
-    changes = {"steps": steps, "on_nonfinite": on_nonfinite}
-    config = dataclasses.replace(
-        config, **{k: v for k, v in changes.items() if v is not None}
-    )
+    else:
+        config = dataclasses.replace(config, **changes)
     config.validate()
+    data_dir = data_folder(config, data_dir, out if resume else None)
     if not resume:
         if config_path.exists():
             raise FileExistsError(
                 f"{out} already holds a run; pass --resume to continue it or choose "
                 f"another --out."
             )
-        config = config.resolved(shard=shard)
+        recorded = config = config.resolved(shard=shard)
+    write_config = not resume or recorded.data_dir != str(data_dir)
+    recorded = dataclasses.replace(recorded, data_dir=str(data_dir))
+    config = dataclasses.replace(config, data_dir=str(data_dir))
     mesh = sharding.task_mesh() if shard else None
     if mesh is not None and config.batching != "vmap":
         raise ValueError(
@@ -134,8 +199,8 @@ def train(
     val_data = load_classes(config, data_dir, "val")
     _check_episodes_fit(config, train_data, "train")
     _check_episodes_fit(config, val_data, "val")
-    if not resume and primary:
-        _write_atomic(config_path, json.dumps(dataclasses.asdict(config), indent=2))
+    if primary and write_config:
+        _write_atomic(config_path, json.dumps(dataclasses.asdict(recorded), indent=2))
 
     model, params, learner, tx = build_learner(config, train_data.shape[2:])
     state = maml_jax.MetaTrainState.create(
@@ -151,7 +216,7 @@ def train(
         # A corrupted latest checkpoint is moved aside (logged) and the newest
         # readable one before it is resumed from: resuming is exact either way.
         restored = checkpointer.restore(
-            state, config=_config_dict(config), fallback=True
+            state, config=_config_dict(recorded), fallback=True
         )
         state = restored.state
         if primary:
@@ -187,7 +252,7 @@ def train(
     def save(state, record):
         step = record["step"]
         if step % config.checkpoint_every == 0 or step == config.steps or stop_signal:
-            checkpointer.save(state, extra={"config": _config_dict(config)})
+            checkpointer.save(state, extra={"config": _config_dict(recorded)})
         if stop_signal:
             raise maml_jax.train.StopTraining
 
@@ -206,6 +271,7 @@ def train(
             steps_per_call=config.steps_per_call,
             eval_fn=eval_fn,
             eval_every=config.eval_every,
+            stop_every=(config.checkpoint_every,),
             metrics_path=metrics_path if primary else None,
             progress=progress and primary,
             callbacks=(save,),
@@ -215,7 +281,7 @@ def train(
         if checkpointer.latest_step() != int(state.step):
             # No chunk ran (e.g. --steps 0): save the state anyway, so that every
             # finished run has a checkpoint of its final step to evaluate.
-            checkpointer.save(state, extra={"config": _config_dict(config)})
+            checkpointer.save(state, extra={"config": _config_dict(recorded)})
     except FloatingPointError as error:
         last = checkpointer.latest_step()
         where = (
@@ -243,7 +309,7 @@ def train(
 
 def evaluate_run(
     run_dir,
-    data_dir,
+    data_dir=None,
     *,
     split: str = "test",
     episodes_count: int = 600,
@@ -253,20 +319,17 @@ def evaluate_run(
     """Test accuracy after each inner step, mean ± 95% CI, for a trained run.
 
     The episodes come from a fixed key (the same for every run), so runs are
-    compared on the same tasks. Writes ``<split>_results.json`` in the run.
+    compared on the same tasks. ``data_dir=None`` reads the data folder the run
+    recorded. Writes ``<split>_results.json`` in the run.
     """
     run_dir = Path(run_dir)
-    config_path = run_dir / "config.json"
-    if not config_path.exists():
-        raise FileNotFoundError(
-            f"--run {run_dir}: not a training run (no config.json)."
-        )
-    config = FewShotConfig(**json.loads(config_path.read_text()))
+    config = load_config(run_dir)
     if split not in SPLITS[config.dataset]:
         raise ValueError(f"--split must be one of {', '.join(SPLITS[config.dataset])}.")
     steps = config.test_inner_steps if inner_steps is None else inner_steps
     if steps < 1:
         raise ValueError(f"--inner-steps must be >= 1; got {steps}.")
+    data_dir = data_folder(config, data_dir, run_dir)
     data = load_classes(config, data_dir, split)
     _check_episodes_fit(config, data, split)
     _, params, learner, tx = build_learner(config, data.shape[2:])
@@ -293,6 +356,7 @@ def evaluate_run(
     results = {
         "command": " ".join(["maml-jax", *sys.argv[1:]]),
         "run": str(run_dir),
+        "data_dir": str(data_dir),
         "preset": config.preset,
         "algorithm": config.algorithm,
         "split": split,
@@ -333,10 +397,15 @@ def format_results(results: dict) -> str:
 
 
 def _config_dict(config: FewShotConfig) -> dict:
-    """The fields a checkpoint must agree on (the run length may change)."""
+    """The fields a checkpoint must agree on (the run length may change).
+
+    Pass the configuration as saved in ``config.json``: ``steps_per_call`` is
+    kept (checkpoints written before it was free hold it), so a resume's
+    ``steps_per_call`` must not reach this dict.
+    """
     fields = dataclasses.asdict(config)
-    # Free: the run length, what and how often is logged, and the non-finite
-    # policy (it does not change the state's structure).
+    # Free: the run length, what and how often is logged, the non-finite
+    # policy (it does not change the state's structure) and where the data is.
     for free in (
         "steps",
         "eval_every",
@@ -344,6 +413,7 @@ def _config_dict(config: FewShotConfig) -> dict:
         "checkpoint_every",
         "on_nonfinite",
         "pre_adaptation_query",
+        "data_dir",
     ):
         fields.pop(free)
     return fields
