@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -177,7 +177,15 @@ Do not reuse the ``state`` passed in: its buffers are given to the new state.
 
 
 PRESAMPLE_MAX_BYTES = 16 * 2**20
-"""``scan_train_steps`` samples all its steps' tasks before the scan when they fit."""
+"""``scan_train_steps`` samples all its steps' tasks before its loop when they fit."""
+
+PRESAMPLE_MIN_STEPS = 64
+"""``fit`` presamples when this many task batches fit in ``PRESAMPLE_MAX_BYTES``.
+
+The choice is made once per run from the batch size alone, never per chunk:
+presampled and in-loop sampled steps compile to different programs, whose
+results may differ in the last bits, so a per-chunk choice would make the
+results depend on the chunking."""
 
 
 def scan_train_steps(
@@ -190,14 +198,17 @@ def scan_train_steps(
     pre_adaptation_query: bool = False,
     presample: bool | None = None,
 ) -> tuple[MetaTrainState, Aux]:
-    """``num_steps`` meta-updates in one ``lax.scan``, sampling tasks on device.
+    """``num_steps`` meta-updates in one compiled loop, sampling tasks on device.
 
     Step ``s`` (the global ``state.step``) draws its tasks from
     ``jax.random.fold_in(key, s)``, so a run is identical whether it is split
-    into one call or many, and resuming from a saved state continues exactly.
-    ``nonfinite`` and ``pre_adaptation_query`` are passed to ``train_step``.
+    into one call or many, and resuming from a saved state continues exactly:
+    bit for bit as long as every call takes the same ``presample`` (the loop's
+    length is hidden from XLA, so every length compiles the same step; see
+    ``_scan``). ``nonfinite`` and ``pre_adaptation_query`` are passed to
+    ``train_step``.
 
-    ``presample=True`` draws every step's tasks before the scan, with the
+    ``presample=True`` draws every step's tasks before the loop, with the
     sampler ``vmap``-ed over the steps' keys: the same tasks, bit for bit, but
     one PRNG call for the whole chunk instead of one per step (on CPU each
     threefry call is a rolled loop, a large share of a small model's step). It
@@ -222,9 +233,33 @@ def scan_train_steps(
         presample = num_steps * _batch_bytes(sample_tasks, key) <= PRESAMPLE_MAX_BYTES
     if presample:
         keys = jax.vmap(step_key)(state.step + jnp.arange(num_steps))
-        return jax.lax.scan(step, state, jax.vmap(sample_tasks)(keys))
+        return _scan(step, state, jax.vmap(sample_tasks)(keys), num_steps)
     body = lambda state, _: step(state, sample_tasks(step_key(state.step)))
-    return jax.lax.scan(body, state, None, length=num_steps)
+    return _scan(body, state, None, num_steps)
+
+
+def _scan(f, init, xs, length: int):
+    """``lax.scan(f, init, xs, length=length)`` in a loop XLA cannot see the length of.
+
+    XLA compiles a loop whose trip count it knows according to that count (a
+    one-trip loop, for one, is inlined into the surrounding program), and the
+    step's float results can then differ in the last bits from one length to
+    another. The trip count here is hidden behind an optimization barrier, so
+    every length runs the same loop body and a run is bit-identical however it
+    is split into calls.
+    """
+    trips = jax.lax.optimization_barrier(jnp.asarray(length, jnp.int32))
+    x_at = lambda i: jax.tree.map(lambda x: x[i], xs)
+    x_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), xs)
+    _, y_shapes = jax.eval_shape(f, init, x_shapes)
+    ys = jax.tree.map(lambda y: jnp.zeros((length, *y.shape), y.dtype), y_shapes)
+
+    def body(i, carry):
+        carry, ys = carry
+        carry, y = f(carry, x_at(i))
+        return carry, jax.tree.map(lambda buf, v: buf.at[i].set(v), ys, y)
+
+    return jax.lax.fori_loop(0, trips, body, (init, ys))
 
 
 def _batch_bytes(sample_tasks: TaskSampler, key: jax.Array) -> int:
@@ -241,6 +276,7 @@ def fit(
     steps_per_call: int = 100,
     eval_fn: Callable[[MetaTrainState], Mapping[str, float]] | None = None,
     eval_every: int = 0,
+    stop_every: Sequence[int] = (),
     metrics_path: str | os.PathLike | None = None,
     progress: bool = True,
     callbacks: tuple[Callable[[MetaTrainState, dict[str, Any]], None], ...] = (),
@@ -249,13 +285,32 @@ def fit(
 ) -> MetaTrainState:
     """Meta-trains until ``state.step == num_steps``.
 
-    Each host call runs up to ``steps_per_call`` steps in one jitted ``lax.scan``
-    with tasks sampled on device (``scan_train_steps``), so Python dispatch costs
-    one call per chunk; chunks end at multiples of ``steps_per_call``. After each
-    chunk the chunk-mean metrics are logged: to the progress bar (loss, query
-    accuracy if the loss reports one, tasks/s), to ``metrics_path`` as one JSON
-    object per line, and to ``callbacks(state, record)``. ``eval_fn(state)`` runs every
-    ``eval_every`` steps (rounded up to a chunk boundary) and at the end.
+    Training runs in chunks: each host call runs a chunk of steps in one jitted
+    loop with tasks sampled on device (``scan_train_steps``), so Python
+    dispatch costs one call per chunk. After each chunk the chunk-mean metrics
+    are logged: to the progress bar (loss, query accuracy if the loss reports
+    one, tasks/s), to ``metrics_path`` as one JSON object per line, and to
+    ``callbacks(state, record)``. ``eval_fn(state)`` runs at every step that is a
+    multiple of ``eval_every`` and at ``num_steps``, whatever step training
+    started from.
+
+    Chunks end where something is due: at every multiple of ``eval_every``
+    (with an ``eval_fn``) and of each period in ``stop_every`` (e.g. a
+    checkpoint period, so that a callback sees the state there), and at
+    ``num_steps``; a chunk is at most ``steps_per_call`` steps long. The
+    length of the chunk starting at step ``s`` is thus ``min(steps_per_call,
+    next due step − s)``, a function of ``s`` alone, so a run resumed from any
+    step a chunk ended on runs the same chunks as an uninterrupted one. The
+    results do not depend on the chunking at all: step ``s`` draws its tasks
+    from ``fold_in(key, s)`` and every chunk runs the same step program, so any
+    ``steps_per_call`` gives the same parameters, bit for bit (tested on CPU);
+    it trades host round trips against how soon callbacks (and a stop) come.
+    Each distinct chunk length compiles its own program once, so keep the
+    periods few: with one period ``p`` and longest chunk ``c`` the lengths are
+    ``c``, ``p % c`` and those of a first and a last chunk off the grid. Small
+    task batches (see ``PRESAMPLE_MIN_STEPS``) are sampled for a whole chunk
+    before its loop; the longest chunk is then also bounded by
+    ``PRESAMPLE_MAX_BYTES`` of tasks.
 
     A step is non-finite when its meta-loss or the norm of its meta-gradient is
     NaN or ±inf. With ``nonfinite="raise"`` the chunk holding one raises
@@ -271,9 +326,10 @@ def fit(
       sample_tasks: ``key -> Task`` batch, traced into the step.
       key: the run's PRNG key; step ``s`` uses ``fold_in(key, s)``.
       num_steps: total number of meta-updates (not the number still to run).
-      steps_per_call: meta-steps per host call.
+      steps_per_call: the most meta-steps per host call (performance only).
       eval_fn: optional periodic evaluation returning scalar metrics.
-      eval_every: evaluation period in steps (0: only at the end).
+      eval_every: evaluate at every multiple of this step (0: only at the end).
+      stop_every: periods in steps; a chunk also ends at every multiple of each.
       metrics_path: JSON-lines file, appended to.
       progress: show a tqdm progress bar.
       callbacks: called after every chunk with the state and the logged record;
@@ -287,6 +343,26 @@ def fit(
 
     Raises:
       FloatingPointError: with ``nonfinite="raise"``, at a non-finite step.
+
+    Examples:
+      >>> import jax, optax, maml_jax
+      >>> model = maml_jax.MLP(hidden_sizes=(8,))
+      >>> params = model.init(jax.random.key(0), jax.numpy.zeros((1, 1)))["params"]
+      >>> learner = maml_jax.maml(
+      ...     maml_jax.regression_loss(model.apply), inner_lr=0.01, num_inner_steps=1
+      ... )
+      >>> state = maml_jax.MetaTrainState.create(
+      ...     params=params, learner=learner, tx=optax.adam(1e-3)
+      ... )
+      >>> sampler = lambda k: maml_jax.sample_sinusoid_tasks(k, 4, 5, 5)
+      >>> ends = []
+      >>> state = maml_jax.fit(
+      ...     state, sampler, key=jax.random.key(1), num_steps=6, steps_per_call=4,
+      ...     stop_every=(3,), progress=False,
+      ...     callbacks=(lambda s, record: ends.append(record["step"]),),
+      ... )
+      >>> ends  # chunks of at most 4 steps that end on multiples of 3
+      [3, 6]
     """
     num_steps = int(num_steps)
     if num_steps < 0:
@@ -294,21 +370,31 @@ def fit(
     steps_per_call = _validation.check_positive_int("steps_per_call", steps_per_call)
     if eval_every < 0:
         raise ValueError(f"eval_every must be >= 0; got {eval_every}.")
+    periods = tuple(_validation.check_positive_int("stop_every", p) for p in stop_every)
+    if eval_fn is not None and eval_every:
+        periods += (int(eval_every),)
     _check_nonfinite(nonfinite)
     num_tasks = _num_tasks(sample_tasks, key)
+    batch_bytes = max(1, _batch_bytes(sample_tasks, key))
+    presample = batch_bytes * PRESAMPLE_MIN_STEPS <= PRESAMPLE_MAX_BYTES
+    max_chunk = steps_per_call
+    if presample:
+        max_chunk = min(max_chunk, PRESAMPLE_MAX_BYTES // batch_bytes)
     log = open(metrics_path, "a") if metrics_path is not None else None  # noqa: SIM115
     bar = _fit_log.progress_bar(progress, int(state.step), num_steps)
-    last_eval = int(state.step)
     try:
         while int(state.step) < num_steps:
-            # Chunks end on multiples of steps_per_call, so a resumed run runs
-            # the same chunks (hence the same compiled programs) as an
-            # uninterrupted one.
             start = int(state.step)
-            chunk = min(steps_per_call - start % steps_per_call, num_steps - start)
+            chunk = _chunk_length(start, num_steps, max_chunk, periods)
             t0 = time.perf_counter()
             state, metrics = _scan_train_steps_jit(
-                state, key, sample_tasks, chunk, nonfinite, bool(pre_adaptation_query)
+                state,
+                key,
+                sample_tasks,
+                chunk,
+                nonfinite,
+                bool(pre_adaptation_query),
+                presample,
             )
             metrics = jax.device_get(metrics)
             seconds = time.perf_counter() - t0
@@ -322,12 +408,11 @@ def fit(
             if nonfinite == "skip":
                 record["skipped_steps"] = int(state.skipped_steps)
             record["tasks_per_s"] = chunk * num_tasks / seconds
-            due = step == num_steps or (eval_every and step - last_eval >= eval_every)
+            due = step == num_steps or (eval_every and step % eval_every == 0)
             if eval_fn is not None and due:
                 record.update(
                     {f"eval/{k}": float(v) for k, v in eval_fn(state).items()}
                 )
-                last_eval = step
             _fit_log.write(log, record)
             if bar is not None:
                 bar.update(chunk)
@@ -344,6 +429,17 @@ def fit(
     return state
 
 
+def _chunk_length(
+    start: int, num_steps: int, max_chunk: int, periods: tuple[int, ...]
+) -> int:
+    """Steps from ``start`` to the next due step (a multiple of a period, or the
+    end), at most ``max_chunk``: a function of the step number only."""
+    end = min(num_steps, start + max_chunk)
+    for period in periods:
+        end = min(end, (start // period + 1) * period)
+    return end - start
+
+
 def _check_nonfinite(nonfinite: str) -> None:
     if nonfinite not in NONFINITE:
         raise ValueError(
@@ -352,9 +448,9 @@ def _check_nonfinite(nonfinite: str) -> None:
         )
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5), donate_argnums=0)
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6), donate_argnums=0)
 def _scan_train_steps_jit(
-    state, key, sample_tasks, num_steps, nonfinite, pre_adaptation_query
+    state, key, sample_tasks, num_steps, nonfinite, pre_adaptation_query, presample
 ):
     return scan_train_steps(
         state,
@@ -363,6 +459,7 @@ def _scan_train_steps_jit(
         num_steps,
         nonfinite=nonfinite,
         pre_adaptation_query=pre_adaptation_query,
+        presample=presample,
     )
 
 

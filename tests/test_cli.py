@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -35,25 +36,14 @@ def test_train_then_eval(omniglot_dir, dataset_cache, tmp_path, capsys):
     assert (full / "learning_curve.png").stat().st_size > 10_000
 
     capsys.readouterr()
-    assert (
-        cli.main(
-            [
-                "eval",
-                "--run",
-                str(full),
-                "--data-dir",
-                str(omniglot_dir),
-                "--episodes",
-                "20",
-            ]
-        )
-        == 0
-    )
+    # No --data-dir: eval reads the data folder the run recorded.
+    assert cli.main(["eval", "--run", str(full), "--episodes", "20"]) == 0
     table = capsys.readouterr().out
     assert "| 3 |" in table and "accuracy" in table
     results = json.loads((full / "test_results.json").read_text())
     assert len(results["accuracy"]) == 4 and results["episodes"] == 20
     assert results["trained_steps"] == 4 and "jax" in results["versions"]
+    assert results["data_dir"] == os.path.abspath(omniglot_dir)
 
 
 def _run_cli(*args, env_extra=None):
@@ -74,7 +64,6 @@ def _run_cli(*args, env_extra=None):
         (["--shots", "15", "--queries", "10"], "is more than the 20 examples"),
         (["--inner-lr", "-1"], "--inner-lr must be a finite number > 0"),
         (["--meta-batch", "0"], "--meta-batch must be >= 1"),
-        (["--eval-every", "3"], "must be a multiple of --steps-per-call"),
     ],
 )
 def test_bad_train_input_is_one_clear_line(
@@ -94,6 +83,73 @@ def test_bad_train_input_is_one_clear_line(
     assert message in done.stderr
     assert "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def _eval_steps(run):
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["step"] for r in records if "eval/val_accuracy" in r]
+
+
+@pytest.mark.slow
+def test_checkpoint_every_needs_no_multiple_of_steps_per_call(
+    omniglot_dir, dataset_cache, tmp_path, capsys
+):
+    from maml_jax.checkpoint import Checkpointer
+
+    run = tmp_path / "run"
+    cadence = [
+        "--checkpoint-every",
+        "5",
+        "--eval-every",
+        "10",
+        "--steps-per-call",
+        "50",
+    ]
+    _train(omniglot_dir, run, "--steps", "10", *cadence)
+    with Checkpointer(run / "checkpoints") as checkpointer:
+        assert checkpointer.all_steps() == [5, 10]
+    logged = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in logged] == [5, 10]
+    assert _eval_steps(run) == [10]
+    config = json.loads((run / "config.json").read_text())
+    assert config["data_dir"] == os.path.abspath(omniglot_dir)
+    # --resume alone finds the configuration and the data folder in the run.
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", "--out", str(run), "--no-progress"]) == 0
+    assert "trained to step 10" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_resume_off_the_eval_grid_with_the_original_command_line(
+    omniglot_dir, dataset_cache, tmp_path, capsys
+):
+    run = tmp_path / "run"
+    argv = ["train", *SMALL, "--steps", "10", "--eval-every", "4"]
+    argv += ["--data-dir", str(omniglot_dir), "--out", str(run)]
+    assert cli.main(argv) == 0  # checkpoints every 2 steps; 6, 8, 10 are kept
+    full = _final_params(run)
+    assert _eval_steps(run) == [4, 8, 10]
+    # A crash right after the step-6 checkpoint: resume from a step that is not
+    # a multiple of --eval-every, with the original command line.
+    for step in ("8", "10"):
+        shutil.rmtree(run / "checkpoints" / step)
+    assert cli.main([*argv, "--resume"]) == 0
+    resumed = _final_params(run)
+    assert _eval_steps(run) == [4, 8, 10]
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [2, 4, 6, 8, 10]
+    assert resumed.step == full.step == 10
+    for x, y in zip(
+        jax.tree.leaves(full.state), jax.tree.leaves(resumed.state), strict=True
+    ):
+        np.testing.assert_array_equal(x, y)
+
+    # One option differs from the saved run: refused, naming it and both values.
+    capsys.readouterr()
+    assert cli.main([*argv, "--resume", "--meta-batch", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "--meta-batch (saved 4, given 8)" in err and "--ways" not in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_missing_data_dir_and_unknown_preset(tmp_path):

@@ -490,10 +490,62 @@ def test_meta_batch_not_splitting_over_devices_writes_nothing(tmp_path):
     assert not run.exists()
 
 
-def test_resume_only_accepts_steps_and_nonfinite_policy(tmp_path, capsys):
-    argv = ["train", "--preset", "omniglot-5w1s", "--resume", "--ways", "3"]
-    code, _, err = _main([*argv, "--data-dir", str(tmp_path), "--out", "x"], capsys)
+def _saved_run(tmp_path, **fields):
+    """A run folder holding only the config.json of a small omniglot-5w1s run."""
+    run = tmp_path / "run"
+    run.mkdir()
+    config = presets.FewShotConfig.from_preset("omniglot-5w1s", meta_batch=4)
+    config = dataclasses.replace(config.resolved(), **fields)
+    (run / "config.json").write_text(json.dumps(dataclasses.asdict(config)))
+    return run
+
+
+def test_resume_refuses_only_options_that_differ_from_the_saved_run(tmp_path, capsys):
+    run = _saved_run(tmp_path, data_dir=str(tmp_path / "moved"))
+    original = ["train", "--preset", "omniglot-5w1s", "--meta-batch", "4"]
+    resume = [*original, "--out", str(run), "--resume", "--no-progress"]
+    # Options equal to the saved ones ("auto" resolving to the saved value) and
+    # free ones changed are accepted; this run then stops at its moved data.
+    free = ["--steps", "9", "--eval-every", "3", "--steps-per-call", "7"]
+    code, _, err = _main([*resume, "--batching", "auto", *free], capsys)
     assert code == 2
-    assert "only --steps and --on-nonfinite may change" in err
+    _one_clean_line(err)
+    assert f"the data folder recorded in {run / 'config.json'}, " in err
+    assert "no longer exists; pass --data-dir." in err
+
+    code, _, err = _main([*resume, "--ways", "3", "--inner-lr", "0.4"], capsys)
+    assert code == 2
+    _one_clean_line(err)
+    assert "these options differ from it: --ways (saved 5, given 3). Drop" in err
+    preset = ["--preset", "omniglot-5w5s"]
+    code, _, err = _main([*resume, *preset, "--meta-batch", "8"], capsys)
+    assert code == 2
+    assert (
+        "--preset (saved omniglot-5w1s, given omniglot-5w5s); "
+        "--meta-batch (saved 4, given 8)." in err
+    )
+    code, _, err = _main(["train", "--resume", "--out", str(tmp_path)], capsys)
+    assert code == 2 and "no run to resume (no config.json)" in err
     with pytest.raises(TypeError, match="config must be a FewShotConfig"):
-        runs.train(None, tmp_path, tmp_path / "run")
+        runs.train(None, tmp_path, tmp_path / "other")
+
+
+def test_eval_and_resume_without_data_dir_use_the_recorded_folder(tmp_path, capsys):
+    old = _saved_run(tmp_path)  # written before runs recorded their data folder
+    for argv in (["eval", "--run", str(old)], ["train", "--resume", "--out", str(old)]):
+        code, _, err = _main(argv, capsys)
+        assert code == 2
+        _one_clean_line(err)
+        assert f"--data-dir is required: {old / 'config.json'} records no" in err
+    moved = tmp_path / "moved"
+    config = json.loads((old / "config.json").read_text())
+    (old / "config.json").write_text(json.dumps({**config, "data_dir": str(moved)}))
+    code, _, err = _main(["eval", "--run", str(old)], capsys)
+    assert code == 2
+    assert f"the data folder recorded in {old / 'config.json'}, {moved}, no " in err
+    code, _, err = _main(["eval", "--run", str(old), "--data-dir", str(moved)], capsys)
+    assert code == 2 and f"--data-dir {moved} does not exist" in err
+    code, _, err = _main(["train", "--out", str(tmp_path / "new")], capsys)
+    assert code == 2 and "--preset is required for a new run." in err
+    code, _, err = _main(["train", "--preset", "omniglot-5w1s", "--out", "x"], capsys)
+    assert code == 2 and "--data-dir is required for a new run." in err

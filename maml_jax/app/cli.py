@@ -2,8 +2,10 @@
 
 * ``maml-jax train --preset omniglot-5w1s --data-dir DIR --out runs/NAME`` —
   meta-train a few-shot classifier (progress bar, validation, metrics, plots,
-  checkpoints; ``--resume`` continues a stopped run exactly).
-* ``maml-jax eval --run runs/NAME --data-dir DIR`` — test accuracy ± 95% CI.
+  checkpoints; the same line with ``--resume``, or just ``--resume --out
+  runs/NAME``, continues a stopped run exactly).
+* ``maml-jax eval --run runs/NAME`` — test accuracy ± 95% CI (on the data folder
+  the run recorded, unless ``--data-dir`` is given).
 * ``maml-jax sinusoid [options]`` — the MAML paper's sinusoid regression.
 
 Errors in what the user gave (a bad option, a missing or unreadable file, a size
@@ -40,6 +42,10 @@ EXPECTED_ERRORS = (
 )
 
 
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
 def _debug_flag(parser) -> None:
     parser.add_argument(
         "--debug",
@@ -51,12 +57,16 @@ def _debug_flag(parser) -> None:
 
 def _train_parser(sub) -> None:
     from maml_jax.app.learners import ALGORITHMS
-    from maml_jax.app.presets import PRESETS
+    from maml_jax.app.presets import FREE_ON_RESUME, PRESETS
     from maml_jax.ops import CONV_IMPLS
 
     p = sub.add_parser("train", help="meta-train a few-shot classifier")
     _debug_flag(p)
-    p.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="required for a new run; with --resume, the run's",
+    )
     p.add_argument(
         "--shard",
         action="store_true",
@@ -72,14 +82,17 @@ def _train_parser(sub) -> None:
     p.add_argument(
         "--data-dir",
         type=Path,
-        required=True,
-        help="folder with the dataset files (e.g. Omniglot's zips)",
+        help="folder with the dataset files (e.g. Omniglot's zips); required for "
+        "a new run, recorded in it; with --resume, default: the recorded one",
     )
     p.add_argument("--out", type=Path, required=True, help="run directory")
     p.add_argument(
         "--resume",
         action="store_true",
-        help="continue the run in --out from its last checkpoint",
+        help="continue the run in --out from its last checkpoint; other options "
+        "must equal its saved configuration, except "
+        + ", ".join(f"--{_flag(name)}" for name in FREE_ON_RESUME)
+        + " and --data-dir",
     )
     p.add_argument("--no-progress", action="store_true")
     for name, kind in (
@@ -130,7 +143,9 @@ def _eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="test accuracy of a trained run")
     _debug_flag(p)
     p.add_argument("--run", type=Path, required=True)
-    p.add_argument("--data-dir", type=Path, required=True)
+    p.add_argument(
+        "--data-dir", type=Path, help="default: the data folder the run recorded"
+    )
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
     p.add_argument("--episodes", type=int, default=600)
     p.add_argument("--inner-steps", type=int, help="default: the preset's test steps")
@@ -155,14 +170,17 @@ def _run_train(args) -> None:
             "distributed",
         )
     }
-    config = presets.FewShotConfig.from_preset(args.preset, **overrides)
-    changed = [k for k, v in overrides.items() if v is not None]
-    if args.resume and set(changed) - {"steps", "on_nonfinite"}:
-        raise ValueError(
-            "--resume takes the run's saved configuration; only --steps and "
-            "--on-nonfinite may change."
-        )
-    if not args.data_dir.is_dir():
+    shard = args.shard or args.distributed
+    if args.resume:
+        _check_resume_options(args, overrides, shard=shard)
+        config = None
+    else:
+        if args.preset is None:
+            raise ValueError("--preset is required for a new run.")
+        if args.data_dir is None:
+            raise ValueError("--data-dir is required for a new run.")
+        config = presets.FewShotConfig.from_preset(args.preset, **overrides)
+    if args.data_dir is not None and not args.data_dir.is_dir():
         raise FileNotFoundError(
             f"--data-dir {args.data_dir} does not exist or is not a folder."
         )
@@ -170,19 +188,52 @@ def _run_train(args) -> None:
         from maml_jax import sharding
 
         sharding.initialize_distributed()
+    changes = {name: overrides[name] for name in presets.FREE_ON_RESUME}
     state = runs.train(
-        None if args.resume else config,
+        config,
         args.data_dir,
         args.out,
         resume=args.resume,
-        steps=args.steps if args.resume else None,
         progress=not args.no_progress,
-        shard=args.shard or args.distributed,
-        on_nonfinite=args.on_nonfinite if args.resume else None,
+        shard=shard,
+        **(changes if args.resume else {}),
     )
     skipped = int(state.skipped_steps)
     note = f" ({skipped} non-finite steps skipped)" if skipped else ""
     print(f"trained to step {int(state.step)}{note}; run directory {args.out}")
+
+
+def _check_resume_options(args, overrides: dict, *, shard: bool) -> None:
+    """Accepts the run's original command line with ``--resume``: refuses only
+    options whose value differs from the saved configuration, naming each."""
+    from maml_jax.app import presets, runs
+
+    saved = runs.load_config(args.out, flag="--resume")
+    given = {
+        k: v
+        for k, v in overrides.items()
+        if v is not None and k not in presets.FREE_ON_RESUME
+    }
+    # Validated and with "auto" resolved as a new run of these options would be.
+    wanted = presets.FewShotConfig.from_preset(args.preset or saved.preset, **given)
+    wanted = wanted.resolved(shard=shard)
+    names = (["preset"] if args.preset is not None else []) + list(given)
+    differing = []
+    for name in names:
+        old, new = getattr(saved, name), getattr(wanted, name)
+        if old == new:
+            continue
+        raw = args.preset if name == "preset" else given[name]
+        shown = f"{raw}" if raw == new else f"{raw}, i.e. {new} here"
+        differing.append(f"--{_flag(name)} (saved {old}, given {shown})")
+    if differing:
+        free = ", ".join(f"--{_flag(name)}" for name in presets.FREE_ON_RESUME)
+        raise ValueError(
+            f"--resume continues the run in {args.out} with its saved "
+            f"configuration, and these options differ from it: "
+            f"{'; '.join(differing)}. Drop them or train a new run (only "
+            f"{free} and --data-dir may change on --resume)."
+        )
 
 
 def _run_eval(args) -> None:

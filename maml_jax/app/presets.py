@@ -110,6 +110,16 @@ IMAGE_SHAPES = {"omniglot": (28, 28, 1), "miniimagenet": (84, 84, 3)}
 # --on-nonfinite: "stop" raises FloatingPointError at the first non-finite step;
 # "skip" leaves the parameters unchanged at such a step and counts it.
 ON_NONFINITE = {"stop": "raise", "skip": "skip"}
+# What `train --resume` may change (besides the data folder): the run's length, the
+# non-finite policy, and when the state is logged, evaluated and saved (training
+# is the same bit for bit whatever the chunking); the rest must equal the saved.
+FREE_ON_RESUME = (
+    "steps",
+    "on_nonfinite",
+    "steps_per_call",
+    "eval_every",
+    "checkpoint_every",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +153,9 @@ class FewShotConfig:
     on_nonfinite: str = "stop"  # or "skip": skip a non-finite step and count it
     # Also log query loss/accuracy before adaptation: one more query forward a step.
     pre_adaptation_query: bool = False
+    # The dataset folder, absolute, recorded by `train`: the default of `eval` and
+    # `train --resume` (None in runs written before it was recorded).
+    data_dir: str | None = None
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> FewShotConfig:
@@ -279,12 +292,6 @@ class FewShotConfig:
                 f"({self.meta_batch}): batching {self.batching!r} splits the "
                 f"meta-batch into chunks of --chunk-size tasks."
             )
-        for name in ("checkpoint_every", "eval_every"):
-            if getattr(self, name) % self.steps_per_call:
-                raise ValueError(
-                    f"--{name.replace('_', '-')} ({getattr(self, name)}) must be a "
-                    f"multiple of --steps-per-call ({self.steps_per_call})."
-                )
         if self.precision not in ("float32", "bfloat16"):
             raise ValueError("--precision must be float32 or bfloat16.")
         if self.norm not in models.NORMS:

@@ -4,13 +4,14 @@
 periodic validation, JSON-lines metrics, orbax checkpoints and exact resume;
 ``evaluate_run(run_dir)`` reports test accuracy after each inner step with 95%
 confidence intervals. The ``maml-jax train`` / ``maml-jax eval`` commands call
-these. A run folder holds ``config.json``, ``metrics.jsonl``, ``checkpoints/``,
-``learning_curve.png``, ``<split>_results.json`` and ``train.lock``: ``train``
-holds an exclusive lock on it (``run_lock``), so a folder has one writer at a
-time; ``evaluate_run`` opens the checkpoints read-only, so it can evaluate a run
-that is still training. SIGTERM or SIGINT during ``train`` finishes the current
-chunk of steps, saves a checkpoint and raises ``TrainingInterrupted``; a
-resumed run continues exactly.
+these. A run folder holds ``config.json`` (which records the data folder, the
+default of ``evaluate_run`` and of a resume), ``metrics.jsonl``,
+``checkpoints/``, ``learning_curve.png``, ``<split>_results.json`` and
+``train.lock``: ``train`` holds an exclusive lock on it (``run_lock``), so a
+folder has one writer at a time; ``evaluate_run`` opens the checkpoints
+read-only, so it can evaluate a run that is still training. SIGTERM or SIGINT
+during ``train`` finishes the current chunk of steps, saves a checkpoint and
+raises ``TrainingInterrupted``; a resumed run continues exactly.
 """
 
 from __future__ import annotations
@@ -52,6 +53,48 @@ class TrainingInterrupted(Exception):
         )
 
 
+def load_config(run_dir, *, flag: str = "--run") -> FewShotConfig:
+    """The configuration a run saved in ``<run_dir>/config.json``."""
+    path = Path(run_dir) / "config.json"
+    if not path.exists():
+        what = "no run to resume" if flag == "--resume" else "not a training run"
+        raise FileNotFoundError(f"{flag} {run_dir}: {what} (no config.json).")
+    return FewShotConfig.load(path)
+
+
+def data_folder(config: FewShotConfig, data_dir, run_dir=None) -> Path:
+    """``data_dir`` if given, else the folder recorded in ``config``; checked to exist.
+
+    Returned absolute (links are kept, not resolved), as ``train`` records it.
+    ``run_dir`` names the run whose ``config.json`` recorded the folder (``None``
+    for a new run).
+    """
+    if data_dir is not None:
+        path = Path(data_dir)
+        if not path.is_dir():
+            raise FileNotFoundError(
+                f"--data-dir {path} does not exist or is not a folder."
+            )
+        return Path(os.path.abspath(path))
+    where = "the configuration"
+    if run_dir is not None:
+        where = str(Path(run_dir) / "config.json")
+    if config.data_dir is None:
+        if run_dir is None:
+            raise ValueError("--data-dir is required for a new run.")
+        raise ValueError(
+            f"--data-dir is required: {where} records no data folder (the run "
+            f"was written before data folders were recorded)."
+        )
+    path = Path(config.data_dir)
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"the data folder recorded in {where}, {path}, no longer exists; "
+            f"pass --data-dir."
+        )
+    return path
+
+
 def load_classes(config: FewShotConfig, data_dir, split: str) -> np.ndarray:
     """The ``(num_classes, num_examples, H, W, C)`` array of one split."""
     from maml_jax import datasets
@@ -84,18 +127,31 @@ def train(
     progress: bool = True,
     shard: bool = False,
     on_nonfinite: str | None = None,
+    steps_per_call: int | None = None,
+    eval_every: int | None = None,
+    checkpoint_every: int | None = None,
 ) -> maml_jax.MetaTrainState:
     """Meta-trains (or resumes) a run in directory ``out``.
 
-    With ``resume=True`` the run's saved configuration is used (``config`` is
-    ignored and may be ``None``); ``steps`` then changes the run's length and
-    ``on_nonfinite`` the policy for non-finite steps (e.g. ``"skip"`` to get
-    past a step that stopped the run). A step whose meta-loss or meta-gradient
-    is not finite stops training (``FloatingPointError`` naming the step and
-    the last good checkpoint; none is written after it) or, with
-    ``on_nonfinite="skip"``, is skipped: parameters and optimizer state stay as
-    they were and ``state.skipped_steps`` (logged as ``skipped_steps``,
-    checkpointed) counts it.
+    ``data_dir`` is recorded (absolute) in ``config.json``. With
+    ``resume=True`` the run's saved configuration is used (``config`` is
+    ignored and may be ``None``), and ``data_dir=None`` means the recorded
+    folder (a different ``data_dir`` is recorded in its place). ``steps``,
+    ``on_nonfinite``, ``steps_per_call``, ``eval_every`` and
+    ``checkpoint_every`` (``presets.FREE_ON_RESUME``), when given, override the
+    configuration for this call, e.g. ``steps`` to lengthen a run or
+    ``on_nonfinite="skip"`` to get past a step that stopped it; ``config.json``
+    keeps the saved values. Chunks of steps end at every multiple of
+    ``eval_every`` and of ``checkpoint_every``, so validation and checkpoints
+    come at those steps for any ``steps_per_call``, which only sets the longest
+    chunk (how often the host looks in, and how soon a signal is handled).
+
+    A step whose meta-loss or meta-gradient is not finite stops training
+    (``FloatingPointError`` naming the step and the last good checkpoint; none
+    is written after it) or, with ``on_nonfinite="skip"``, is skipped:
+    parameters and optimizer state stay as they were and
+    ``state.skipped_steps`` (logged as ``skipped_steps``, checkpointed) counts
+    it.
 
     With ``shard=True`` the task batch is split over every device of every
     process (``maml_jax.sharding``; call ``sharding.initialize_distributed``
@@ -109,25 +165,34 @@ def train(
     """
     out = Path(out)
     config_path = out / "config.json"
+    changes = {
+        "steps": steps,
+        "on_nonfinite": on_nonfinite,
+        "steps_per_call": steps_per_call,
+        "eval_every": eval_every,
+        "checkpoint_every": checkpoint_every,
+    }
+    changes = {k: v for k, v in changes.items() if v is not None}
     if resume:
-        if not config_path.exists():
-            raise FileNotFoundError(
-                f"--resume: no run to resume at {out} (no config.json)."
-            )
-        config = FewShotConfig.load(config_path)
+        # config.json keeps the saved configuration (this call's changes are
+        # for this call only) and the data folder last trained on.
+        recorded = load_config(out, flag="--resume")
+        config = dataclasses.replace(recorded, **changes)
     elif not isinstance(config, FewShotConfig):
         raise TypeError(
             f"config must be a FewShotConfig unless resume=True; got "
             f"{type(config).__name__}."
         )
-    changes = {"steps": steps, "on_nonfinite": on_nonfinite}
-    config = dataclasses.replace(
-        config, **{k: v for k, v in changes.items() if v is not None}
-    )
+    else:
+        config = dataclasses.replace(config, **changes)
     config.validate()
+    data_dir = data_folder(config, data_dir, out if resume else None)
     if not resume:
-        config = config.resolved(shard=shard)
+        recorded = config = config.resolved(shard=shard)
         config.validate()  # what "auto" resolved to, e.g. the chunk size
+    write_config = not resume or recorded.data_dir != str(data_dir)
+    recorded = dataclasses.replace(recorded, data_dir=str(data_dir))
+    config = dataclasses.replace(config, data_dir=str(data_dir))
     mesh = sharding.task_mesh() if shard else None
     if mesh is not None and config.batching != "vmap":
         raise ValueError(
@@ -150,14 +215,32 @@ def train(
                 f"another --out."
             )
         return _train_locked(
-            config, data_dir, out, resume=resume, progress=progress, mesh=mesh
+            config,
+            recorded,
+            data_dir,
+            out,
+            resume=resume,
+            write_config=write_config,
+            progress=progress,
+            mesh=mesh,
         )
 
 
 def _train_locked(
-    config: FewShotConfig, data_dir, out: Path, *, resume: bool, progress: bool, mesh
+    config: FewShotConfig,
+    recorded: FewShotConfig,
+    data_dir,
+    out: Path,
+    *,
+    resume: bool,
+    write_config: bool,
+    progress: bool,
+    mesh,
 ) -> maml_jax.MetaTrainState:
-    """``train`` once ``config`` is valid and ``out`` is locked."""
+    """``train`` once ``config`` is valid and ``out`` is locked.
+
+    ``recorded`` is what ``config.json`` holds (without this call's changes).
+    """
     config_path = out / "config.json"
     primary = sharding.is_primary()
     train_data = load_classes(config, data_dir, "train")
@@ -173,15 +256,15 @@ def _train_locked(
         batching=config.batching,
         chunk_size=config.chunk_size,
     )
-    if not resume and primary:  # the run exists once all of it is known to work
-        _write_atomic(config_path, json.dumps(dataclasses.asdict(config), indent=2))
+    if write_config and primary:  # the run exists once all of it is known to work
+        _write_atomic(config_path, json.dumps(dataclasses.asdict(recorded), indent=2))
     metrics_path = out / "metrics.jsonl"
     checkpointer = Checkpointer(out / "checkpoints", keep=3)
     if resume and checkpointer.latest_step() is not None:
         # A corrupted latest checkpoint is moved aside (logged) and the newest
         # readable one before it is resumed from: resuming is exact either way.
         restored = checkpointer.restore(
-            state, config=_config_dict(config), fallback=True
+            state, config=_config_dict(recorded), fallback=True
         )
         state = restored.state
         if primary:
@@ -217,7 +300,7 @@ def _train_locked(
     def save(state, record):
         step = record["step"]
         if step % config.checkpoint_every == 0 or step == config.steps or stop_signal:
-            checkpointer.save(state, extra={"config": _config_dict(config)})
+            checkpointer.save(state, extra={"config": _config_dict(recorded)})
         if stop_signal:
             raise maml_jax.train.StopTraining
 
@@ -236,6 +319,7 @@ def _train_locked(
             steps_per_call=config.steps_per_call,
             eval_fn=eval_fn,
             eval_every=config.eval_every,
+            stop_every=(config.checkpoint_every,),
             metrics_path=metrics_path if primary else None,
             progress=progress and primary,
             callbacks=(save,),
@@ -245,7 +329,7 @@ def _train_locked(
         if checkpointer.latest_step() != int(state.step):
             # No chunk ran (e.g. --steps 0): save the state anyway, so that every
             # finished run has a checkpoint of its final step to evaluate.
-            checkpointer.save(state, extra={"config": _config_dict(config)})
+            checkpointer.save(state, extra={"config": _config_dict(recorded)})
     except FloatingPointError as error:
         last = checkpointer.latest_step()
         where = (
@@ -273,7 +357,7 @@ def _train_locked(
 
 def evaluate_run(
     run_dir,
-    data_dir,
+    data_dir=None,
     *,
     split: str = "test",
     episodes_count: int = 600,
@@ -283,20 +367,17 @@ def evaluate_run(
     """Test accuracy after each inner step, mean ± 95% CI, for a trained run.
 
     The episodes come from a fixed key (the same for every run), so runs are
-    compared on the same tasks. Writes ``<split>_results.json`` in the run.
+    compared on the same tasks. ``data_dir=None`` reads the data folder the run
+    recorded. Writes ``<split>_results.json`` in the run.
     """
     run_dir = Path(run_dir)
-    config_path = run_dir / "config.json"
-    if not config_path.exists():
-        raise FileNotFoundError(
-            f"--run {run_dir}: not a training run (no config.json)."
-        )
-    config = FewShotConfig.load(config_path)
+    config = load_config(run_dir)
     if split not in SPLITS[config.dataset]:
         raise ValueError(f"--split must be one of {', '.join(SPLITS[config.dataset])}.")
     steps = config.test_inner_steps if inner_steps is None else inner_steps
     options.check_range("--inner-steps", steps, 1, options.MAX_TEST_INNER_STEPS)
     config.check_episodes_memory("--episodes", episodes_count)
+    data_dir = data_folder(config, data_dir, run_dir)
     data = load_classes(config, data_dir, split)
     _check_episodes_fit(config, data, split)
     _, params, learner, tx = build_learner(config, data.shape[2:])
@@ -324,6 +405,7 @@ def evaluate_run(
     results = {
         "command": " ".join(["maml-jax", *sys.argv[1:]]),
         "run": str(run_dir),
+        "data_dir": str(data_dir),
         "preset": config.preset,
         "algorithm": config.algorithm,
         "split": split,
@@ -364,10 +446,15 @@ def format_results(results: dict) -> str:
 
 
 def _config_dict(config: FewShotConfig) -> dict:
-    """The fields a checkpoint must agree on (the run length may change)."""
+    """The fields a checkpoint must agree on (the run length may change).
+
+    Pass the configuration as saved in ``config.json``: ``steps_per_call`` is
+    kept (checkpoints written before it was free hold it), so a resume's
+    ``steps_per_call`` must not reach this dict.
+    """
     fields = dataclasses.asdict(config)
-    # Free: the run length, what and how often is logged, and the non-finite
-    # policy (it does not change the state's structure).
+    # Free: the run length, what and how often is logged, the non-finite
+    # policy (it does not change the state's structure) and where the data is.
     for free in (
         "steps",
         "eval_every",
@@ -375,6 +462,7 @@ def _config_dict(config: FewShotConfig) -> dict:
         "checkpoint_every",
         "on_nonfinite",
         "pre_adaptation_query",
+        "data_dir",
     ):
         fields.pop(free)
     return fields
