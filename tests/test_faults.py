@@ -17,23 +17,26 @@ from tests import helpers
 SMALL, _final_params = helpers.CLI_SMALL_ARGS, helpers.final_params
 
 STEPS = 40
-RUN = [*SMALL, "--steps", str(STEPS), "--eval-every", "40", "--checkpoint-every", "2"]
+# A job script's line: checkpoints every 5 steps, chunks of at most 4 (so chunks
+# end at 4, 5, 8, 10, 12, 15, ...); the re-run is the same line plus --resume.
+RUN = [*SMALL, "--steps", str(STEPS), "--eval-every", "8", "--checkpoint-every", "5"]
+RUN += ["--steps-per-call", "4"]
 
 
 def _command(omniglot_dir, out, resume=False):
-    args = [sys.executable, "-m", "maml_jax.app.cli", "train"]
-    if resume:
-        return args + [
-            "--preset",
-            "omniglot-5w1s",
-            "--data-dir",
-            str(omniglot_dir),
-            "--out",
-            str(out),
-            "--resume",
-            "--no-progress",
-        ]
-    return args + [*RUN, "--data-dir", str(omniglot_dir), "--out", str(out)]
+    args = [sys.executable, "-m", "maml_jax.app.cli", "train", *RUN]
+    args += ["--data-dir", str(omniglot_dir), "--out", str(out)]
+    return args + ["--resume"] if resume else args
+
+
+def _chunk_ends():
+    """Where chunks end: at most 4 steps, cut at every checkpoint and evaluation."""
+    ends, step = [], 0
+    while step < STEPS:
+        due = [step + 4, STEPS, (step // 5 + 1) * 5, (step // 8 + 1) * 8]
+        step = min(due)
+        ends.append(step)
+    return ends
 
 
 def _logged_steps(out):
@@ -94,4 +97,4 @@ def test_sigkill_at_five_points_then_resume_is_identical(
     assert a.step == b.step == STEPS
     for x, y in zip(jax.tree.leaves(a.state), jax.tree.leaves(b.state), strict=True):
         np.testing.assert_array_equal(x, y)
-    assert _logged_steps(run) == _logged_steps(full) == list(range(2, STEPS + 1, 2))
+    assert _logged_steps(run) == _logged_steps(full) == _chunk_ends()
