@@ -10,6 +10,18 @@ jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_jax_caches():
+    """Drops compiled programs after each test module.
+
+    The suite compiles many hundreds of programs in one process; keeping them
+    all grows the process for nothing (each module's programs are its own),
+    and XLA:CPU once crashed compiling late in a full run.
+    """
+    yield
+    jax.clear_caches()
+
+
 @pytest.fixture
 def key():
     return jax.random.key(0)
