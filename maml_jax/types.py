@@ -18,6 +18,10 @@ Batch = Any
 Aux = dict[str, jax.Array]
 """Diagnostics returned beside a loss: a flat dict of arrays."""
 
+ModelState = Any
+"""A pytree of model state that is not differentiated (BatchNorm running
+statistics); ``None`` for stateless models."""
+
 
 class Task(NamedTuple):
     """One few-shot task, or a batch of tasks when every leaf has a leading task axis.
@@ -35,6 +39,21 @@ class LossFn(Protocol):
     """``loss_fn(params, batch) -> loss``, or ``(loss, aux)`` with ``has_aux=True``."""
 
     def __call__(self, params: Params, batch: Batch) -> Any: ...
+
+
+class StatefulLossFn(Protocol):
+    """``loss_fn(params, state, batch, *, training) -> (loss, new_state)``.
+
+    With ``has_aux=True`` it returns ``((loss, aux), new_state)``. ``training``
+    is a static bool: ``True`` in meta-training (e.g. batch statistics, running
+    averages updated in ``new_state``), ``False`` in evaluation and prediction
+    (e.g. running averages used; ``new_state`` is ignored). Learners built with
+    ``has_state=True`` take such a loss; no gradient flows through ``state``.
+    """
+
+    def __call__(
+        self, params: Params, state: ModelState, batch: Batch, *, training: bool
+    ) -> Any: ...
 
 
 class ApplyFn(Protocol):
