@@ -2,10 +2,12 @@
 
 from maml_jax.core import (
     InnerTrace,
+    StateReduction,
     TaskBatching,
     adaptation_curve,
     auto_batching,
     inner_loop,
+    mean_state,
     meta_value_and_grad,
     predict,
 )
@@ -58,8 +60,10 @@ from maml_jax.types import (
     MetaLearner,
     MetaLossFn,
     MetaParams,
+    ModelState,
     Params,
     PredictFn,
+    StatefulLossFn,
     Task,
 )
 from maml_jax.update_rules import per_step_sgd, sgd_with_rates
@@ -101,8 +105,11 @@ __all__ = [
     "MetaLearner",
     "MetaLossFn",
     "MetaParams",
+    "ModelState",
     "Params",
     "PredictFn",
+    "StateReduction",
+    "StatefulLossFn",
     "Task",
     "TaskBatching",
     # Core: the inner loop and meta-gradients
@@ -110,6 +117,7 @@ __all__ = [
     "adaptation_curve",
     "auto_batching",
     "inner_loop",
+    "mean_state",
     "meta_value_and_grad",
     "predict",
     # Inner update rules (optax)

@@ -97,6 +97,31 @@ def split_loss_output(out: Any, has_aux: bool, where: str) -> tuple[jax.Array, A
     return loss, aux
 
 
+def check_state_structure(state: Any, new_state: Any, where: str) -> None:
+    """Checks a stateful loss returned a state shaped like the one it was given:
+    the inner loop carries it, so structure, shapes and dtypes must not change.
+    """
+    old, new = jax.tree.structure(state), jax.tree.structure(new_state)
+    if old != new:
+        raise TypeError(
+            f"{where} returned a new_state whose structure differs from the state "
+            f"it was given: {new} vs {old}. Return every state collection, updated "
+            f"or not (in inference mode return the state unchanged)."
+        )
+    for (path, a), b in zip(
+        jax.tree_util.tree_flatten_with_path(state)[0],
+        jax.tree.leaves(new_state),
+        strict=True,
+    ):
+        if jnp.shape(a) != jnp.shape(b) or jnp.result_type(a) != jnp.result_type(b):
+            raise TypeError(
+                f"{where} changed the state leaf state{jax.tree_util.keystr(path)} "
+                f"from {jnp.result_type(a)}{list(jnp.shape(a))} to "
+                f"{jnp.result_type(b)}{list(jnp.shape(b))}; state leaves must keep "
+                f"their shape and dtype."
+            )
+
+
 def check_task(task: Any, where: str) -> None:
     """Checks one task: a ``Task`` whose support and query trees match and hold
     at least one example each (the leading axis of every leaf is the example axis).

@@ -23,6 +23,7 @@ from maml_jax.types import (
     LossFn,
     MetaLearner,
     MetaParams,
+    ModelState,
     Params,
     Task,
 )
@@ -33,12 +34,16 @@ class InnerTrace(NamedTuple):
 
     Attributes:
       support_loss: ``(K,)``: the support loss before each step.
-      observed: ``observe(φ_{k+1})`` after each step, stacked along a leading
-        axis of length ``K``; ``None`` when nothing is observed.
+      observed: ``observe(φ_{k+1})`` (``observe(φ_{k+1}, s_{k+1})`` with
+        model state) after each step, stacked along a leading axis of length
+        ``K``; ``None`` when nothing is observed.
+      state: the model state after the ``K`` support passes (``None`` for
+        stateless losses).
     """
 
     support_loss: jax.Array
     observed: Any = None
+    state: ModelState = None
 
 
 def inner_loop(
@@ -51,7 +56,10 @@ def inner_loop(
     first_order: bool = False,
     remat: bool = False,
     has_aux: bool = False,
-    observe: Callable[[Params], Any] | None = None,
+    observe: Callable[..., Any] | None = None,
+    state: ModelState = None,
+    has_state: bool = False,
+    training: bool = True,
 ) -> tuple[Params, InnerTrace]:
     """Runs ``num_steps`` of an optax optimizer on the support loss (``lax.scan``).
 
@@ -77,8 +85,13 @@ def inner_loop(
         extra forward/backward per step for memory that no longer holds every
         step's activations.
       has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
-      observe: optional ``φ -> pytree`` evaluated after every step (MAML++'s
-        per-step query losses, adaptation curves).
+      observe: optional ``φ -> pytree`` (``(φ, s) -> pytree`` with model
+        state) evaluated after every step (MAML++'s per-step query losses,
+        adaptation curves).
+      state: the model state ``s_0`` when ``has_state=True``; each support pass
+        returns the next, ``s_{k+1}``, which is not differentiated.
+      has_state: whether ``loss_fn`` is a ``StatefulLossFn``.
+      training: passed to a stateful ``loss_fn`` (static).
 
     Returns:
       ``(φ_K, trace)``; see ``InnerTrace``.
@@ -94,24 +107,37 @@ def inner_loop(
     """
     num_steps = _validation.check_positive_int("num_steps", num_steps)
 
-    def support_loss(p):
-        return loss_and_aux(loss_fn, p, support, has_aux=has_aux)[0]
+    def support_loss(p, s):
+        loss, _, s = call_loss(
+            loss_fn,
+            p,
+            support,
+            has_aux=has_aux,
+            state=s,
+            has_state=has_state,
+            training=training,
+        )
+        return loss, s
 
     def step(carry, _):
-        p, opt_state = carry
-        loss, grads = jax.value_and_grad(support_loss)(p)
+        p, opt_state, s = carry
+        (loss, s), grads = jax.value_and_grad(support_loss, has_aux=True)(p, s)
         if first_order:
             grads = jax.lax.stop_gradient(grads)
         updates, opt_state = optimizer.update(grads, opt_state, p)
         p = optax.apply_updates(p, updates)
-        return (p, opt_state), (loss, None if observe is None else observe(p))
+        if observe is None:
+            observed = None
+        else:
+            observed = observe(p, s) if has_state else observe(p)
+        return (p, opt_state, s), (loss, observed)
 
     if remat:
         step = jax.checkpoint(step)
-    (params, _), (losses, observed) = jax.lax.scan(
-        step, (params, optimizer.init(params)), None, length=num_steps
+    (params, _, state), (losses, observed) = jax.lax.scan(
+        step, (params, optimizer.init(params), state), None, length=num_steps
     )
-    return params, InnerTrace(losses, observed)
+    return params, InnerTrace(losses, observed, state)
 
 
 def adaptation_curve(
@@ -122,11 +148,14 @@ def adaptation_curve(
     optimizer: optax.GradientTransformation,
     num_steps: int,
     has_aux: bool = False,
+    state: ModelState = None,
+    has_state: bool = False,
 ) -> Aux:
     """Support and query metrics after ``0, 1, ..., num_steps`` inner steps.
 
     The same ``inner_loop`` as training, observing the metrics after each step.
-    Used for evaluation: nothing here is meant to be differentiated.
+    Used for evaluation: nothing here is meant to be differentiated. A stateful
+    loss runs in inference mode (``training=False``) at ``state`` throughout.
 
     Returns:
       A dict of arrays of shape ``(num_steps + 1,)``: ``support_loss``,
@@ -135,9 +164,18 @@ def adaptation_curve(
     _validation.check_task(task, "adaptation_curve")
     num_steps = _validation.check_positive_int("num_steps", num_steps)
 
-    def metrics(p):
-        s_loss, _ = loss_and_aux(loss_fn, p, task.support, has_aux=has_aux)
-        q_loss, q_aux = loss_and_aux(loss_fn, p, task.query, has_aux=has_aux)
+    evaluate = functools.partial(
+        call_loss,
+        loss_fn,
+        has_aux=has_aux,
+        state=state,
+        has_state=has_state,
+        training=False,
+    )
+
+    def metrics(p, _state=None):
+        s_loss, _, _ = evaluate(p, task.support)
+        q_loss, q_aux, _ = evaluate(p, task.query)
         return {
             "support_loss": s_loss,
             "query_loss": q_loss,
@@ -152,6 +190,9 @@ def adaptation_curve(
         num_steps=num_steps,
         has_aux=has_aux,
         observe=metrics,
+        state=state,
+        has_state=has_state,
+        training=False,
     )
     return jax.tree.map(
         lambda first, rest: jnp.concatenate([first[None], rest]),
@@ -172,8 +213,41 @@ def loss_and_aux(
     )
 
 
+def call_loss(
+    loss_fn: Callable[..., Any],
+    params: Params,
+    batch: Batch,
+    *,
+    has_aux: bool = False,
+    state: ModelState = None,
+    has_state: bool = False,
+    training: bool = True,
+) -> tuple[jax.Array, Aux, ModelState]:
+    """Calls a plain or stateful ``loss_fn`` and returns ``(loss, aux, new_state)``.
+
+    A plain ``loss_fn(params, batch)`` leaves ``state`` as it is; a stateful one
+    is called as ``loss_fn(params, state, batch, training=training)`` and its
+    new state is returned under ``stop_gradient``.
+    """
+    if not has_state:
+        loss, aux = loss_and_aux(loss_fn, params, batch, has_aux=has_aux)
+        return loss, aux, state
+    out = loss_fn(params, state, batch, training=training)
+    where = "loss_fn(params, state, batch, training=...)"
+    if not (isinstance(out, tuple) and len(out) == 2):
+        raise TypeError(
+            f"{where} with has_state=True must return (loss, new_state) (or "
+            f"((loss, aux), new_state) with has_aux=True); got "
+            f"{type(out).__name__}."
+        )
+    out, new_state = out
+    loss, aux = _validation.split_loss_output(out, has_aux, where)
+    _validation.check_state_structure(state, new_state, where)
+    return loss, aux, jax.lax.stop_gradient(new_state)
+
+
 def task_metrics(
-    loss_fn: LossFn,
+    loss_fn: Callable[..., Any],
     params: Params,
     task_params: Params,
     task: Task,
@@ -181,6 +255,8 @@ def task_metrics(
     *,
     has_aux: bool = False,
     query_post: tuple[jax.Array, Aux] | None = None,
+    state: ModelState = None,
+    has_state: bool = False,
 ) -> Aux:
     """Per-task diagnostics before and after adaptation (no gradient flows).
 
@@ -190,6 +266,8 @@ def task_metrics(
       query_post: ``(loss, aux)`` of ``loss_fn`` at ``task_params`` on the query
         set if the caller already has it (the meta-loss), reused instead of a
         second forward pass.
+      state, has_state: the model state the task started from, for a stateful
+        ``loss_fn`` (called in training mode; its new state is discarded).
 
     Returns:
       ``support_loss_pre/post``, ``query_loss_pre/post`` and
@@ -197,11 +275,14 @@ def task_metrics(
     """
     before = jax.lax.stop_gradient(params)
     after = jax.lax.stop_gradient(task_params)
-    q_pre, q_aux_pre = loss_and_aux(loss_fn, before, task.query, has_aux=has_aux)
+    evaluate = functools.partial(
+        call_loss, loss_fn, has_aux=has_aux, state=state, has_state=has_state
+    )
+    q_pre, q_aux_pre, _ = evaluate(before, task.query)
     if query_post is None:
-        query_post = loss_and_aux(loss_fn, after, task.query, has_aux=has_aux)
+        query_post = evaluate(after, task.query)[:2]
     q_post, q_aux_post = jax.lax.stop_gradient(query_post)
-    s_post, _ = loss_and_aux(loss_fn, after, task.support, has_aux=has_aux)
+    s_post, _, _ = evaluate(after, task.support)
     aux = {
         "support_loss_pre": jax.lax.stop_gradient(support_loss_pre),
         "support_loss_post": s_post,
@@ -250,6 +331,25 @@ def cpu_chunk_size(num_tasks: int, examples_per_task: int) -> int:
     return max(d for d in range(1, limit + 1) if num_tasks % d == 0)
 
 
+StateReduction = Callable[[ModelState], ModelState]
+"""``per_task_states -> state``: combines the new model states of ``T`` tasks
+(leaves with a leading task axis ``T``) into one."""
+
+
+def mean_state(per_task_states: ModelState) -> ModelState:
+    """The task-mean of every floating-point state leaf; other leaves (counters)
+    take the first task's value.
+
+    For exponential moving averages (BatchNorm running statistics) the mean of
+    the tasks' updated averages is the average updated with the mean of their
+    batch statistics, since the update is linear.
+    """
+    return jax.tree.map(
+        lambda x: x.mean(0) if jnp.issubdtype(x.dtype, jnp.inexact) else x[0],
+        per_task_states,
+    )
+
+
 def meta_value_and_grad(
     learner: MetaLearner,
     meta_params: MetaParams,
@@ -258,7 +358,9 @@ def meta_value_and_grad(
     batching: TaskBatching = "auto",
     chunk_size: int | None = None,
     outer_step: Any = None,
-) -> tuple[tuple[jax.Array, Aux], MetaParams]:
+    state: ModelState = None,
+    state_reduction: StateReduction = mean_state,
+) -> tuple[tuple[jax.Array, Any], MetaParams]:
     """The meta-loss and meta-gradient averaged over a batch of tasks.
 
     ``loss = (1/T) Σ_i meta_loss(meta_params, task_i)`` and its gradient with
@@ -284,10 +386,16 @@ def meta_value_and_grad(
       chunk_size: tasks per chunk for ``"scan"`` / ``"unroll"``; must divide
         ``T``. Ignored by ``"vmap"``.
       outer_step: the training progress passed to ``learner.meta_loss``.
+      state: the model state every task starts from, for a learner built with
+        ``has_state=True``.
+      state_reduction: combines the tasks' new model states (leading axis
+        ``T``) into one; default ``mean_state``.
 
     Returns:
       ``((loss, aux), grads)``: the mean meta-loss, per-task aux (leading axis
-      ``T``) and the mean meta-gradient (structure of ``meta_params``).
+      ``T``) and the mean meta-gradient (structure of ``meta_params``). With
+      model state, ``((loss, (aux, new_state)), grads)``, like ``jax``'s
+      ``has_aux``.
     """
     num_tasks = _validation.check_task_batch(tasks, "meta_value_and_grad")
     if batching not in TASK_BATCHING:
@@ -295,7 +403,26 @@ def meta_value_and_grad(
     if batching == "auto":
         batching, auto_chunk = auto_batching(tasks)
         chunk_size = auto_chunk if chunk_size is None else chunk_size
-    meta_loss = functools.partial(learner.meta_loss, outer_step=outer_step)
+    has_state = learner.has_state
+    if has_state:
+
+        def meta_loss(mp, task):
+            loss, (aux, new_state) = learner.meta_loss(
+                mp, task, state=state, outer_step=outer_step
+            )
+            return loss, {"aux": aux, "state": new_state}
+
+    else:
+        if state is not None:
+            raise ValueError(
+                "meta_value_and_grad got a model state, but the learner was built "
+                "without has_state=True, so its loss takes none."
+            )
+
+        def meta_loss(mp, task):
+            loss, aux = learner.meta_loss(mp, task, outer_step=outer_step)
+            return loss, {"aux": aux, "state": None}
+
     # Per-task gradients summed explicitly (see _sum_over_tasks), not the
     # gradient of a vmapped sum, whose transpose XLA:CPU runs as a slow reduction.
     task_value_and_grad = jax.vmap(
@@ -306,9 +433,16 @@ def meta_value_and_grad(
         (losses, aux), grads = task_value_and_grad(mp, task_chunk)
         return (_sum_over_tasks(losses), aux), jax.tree.map(_sum_over_tasks, grads)
 
+    def result(loss_sum, aux, grad_sum):
+        loss = loss_sum / num_tasks
+        grads = jax.tree.map(lambda g: g / num_tasks, grad_sum)
+        if not has_state:
+            return (loss, aux["aux"]), grads
+        return (loss, (aux["aux"], state_reduction(aux["state"]))), grads
+
     if batching == "vmap":
         (loss, aux), grads = chunk_grad(meta_params, tasks)
-        return (loss / num_tasks, aux), jax.tree.map(lambda g: g / num_tasks, grads)
+        return result(loss, aux, grads)
 
     chunk = (
         1
@@ -343,8 +477,7 @@ def meta_value_and_grad(
         aux = jax.tree.map(lambda *xs: jnp.stack(xs), *auxes)
 
     aux = jax.tree.map(lambda x: x.reshape(num_tasks, *x.shape[2:]), aux)
-    grads = jax.tree.map(lambda g: g / num_tasks, grad_sum)
-    return (jnp.sum(losses) / num_tasks, aux), grads
+    return result(jnp.sum(losses), aux, grad_sum)
 
 
 def _sum_over_tasks(x: jax.Array) -> jax.Array:
@@ -372,16 +505,19 @@ def predict(
     support: Batch,
     inputs: Any,
     *,
-    apply_fn: ApplyFn | None = None,
+    apply_fn: Callable[..., Any] | None = None,
     num_steps: int | None = None,
+    state: ModelState = None,
 ) -> Any:
     """Predictions on ``inputs`` of a learner adapted to one task's ``support``.
 
     Gradient-based learners adapt (``learner.adapt``, ``num_steps`` inner
     steps, default the trained number) and run the model:
-    ``apply_fn(adapted_params, inputs)``. Learners with a classifier of their
-    own (ProtoNets: negative distances to the support's class prototypes) use
-    it, and ``apply_fn`` is not needed.
+    ``apply_fn(adapted_params, inputs)``, or for a learner with model state
+    ``apply_fn(adapted_params, state, inputs)`` with adaptation and prediction
+    in inference mode. Learners with a classifier of their own (ProtoNets:
+    negative distances to the support's class prototypes) use it, and
+    ``apply_fn`` is not needed.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -394,11 +530,17 @@ def predict(
       ...                  apply_fn=apply_fn).tolist()
       [0.5]
     """
+    kwargs = {"state": state} if learner.has_state else {}
     if learner.predict is not None:
-        return learner.predict(meta_params, support, inputs, num_steps=num_steps)
+        return learner.predict(
+            meta_params, support, inputs, num_steps=num_steps, **kwargs
+        )
     if apply_fn is None:
         raise TypeError(
             "predict needs apply_fn(params, inputs) -> outputs, the model's forward "
             "pass, to run the adapted parameters of a gradient-based learner."
         )
-    return apply_fn(learner.adapt(meta_params, support, num_steps=num_steps), inputs)
+    if not learner.has_state:
+        return apply_fn(learner.adapt(meta_params, support, num_steps=num_steps), inputs)
+    params, state = learner.adapt(meta_params, support, num_steps=num_steps, **kwargs)
+    return apply_fn(params, state, inputs)

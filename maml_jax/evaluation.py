@@ -10,7 +10,7 @@ import numpy as np
 
 from maml_jax import _validation
 from maml_jax.metrics import mean_ci95
-from maml_jax.types import MetaLearner, MetaParams, Task
+from maml_jax.types import MetaLearner, MetaParams, ModelState, Task
 
 
 def evaluate(
@@ -20,6 +20,7 @@ def evaluate(
     *,
     num_steps: int,
     batch_size: int | None = None,
+    state: ModelState = None,
 ) -> dict[str, np.ndarray]:
     """Adaptation curves on a fixed set of test tasks (runs jitted, on device).
 
@@ -29,6 +30,9 @@ def evaluate(
       tasks: test tasks with a leading task axis of length ``T``.
       num_steps: inner steps at test time (the curve covers ``0..num_steps``).
       batch_size: tasks evaluated at once (bounds memory); default all.
+      state: the model state (e.g. ``train_state.model_state``) of a learner
+        built with ``has_state=True``; the model runs in inference mode (e.g.
+        BatchNorm with its running averages) on support and query sets.
 
     Returns:
       Per-task arrays of shape ``(T, num_steps + 1)`` for each metric (e.g.
@@ -37,13 +41,24 @@ def evaluate(
     num_tasks = _validation.check_task_batch(tasks, "evaluate")
     num_steps = _validation.check_positive_int("num_steps", num_steps)
     batch_size = num_tasks if batch_size is None else min(batch_size, num_tasks)
-    curves = _evaluate_jit(learner, meta_params, tasks, num_steps, batch_size)
+    if learner.has_state and state is None:
+        raise ValueError(
+            "The learner was built with has_state=True: pass the model state to "
+            "evaluate (state=train_state.model_state)."
+        )
+    if not learner.has_state and state is not None:
+        raise ValueError(
+            "evaluate got a model state, but the learner was built without "
+            "has_state=True, so its loss takes none."
+        )
+    curves = _evaluate_jit(learner, meta_params, tasks, num_steps, batch_size, state)
     return {k: np.asarray(v) for k, v in curves.items()}
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3, 4))
-def _evaluate_jit(learner, meta_params, tasks, num_steps, batch_size):
-    curve = functools.partial(learner.adaptation_curve, num_steps=num_steps)
+def _evaluate_jit(learner, meta_params, tasks, num_steps, batch_size, state):
+    kwargs = {"state": state} if learner.has_state else {}
+    curve = functools.partial(learner.adaptation_curve, num_steps=num_steps, **kwargs)
     return jax.lax.map(
         lambda task: curve(meta_params, task), tasks, batch_size=batch_size
     )

@@ -115,7 +115,7 @@ def _unpack(batch: Any) -> tuple[Any, Any]:
     return batch[0], batch[1]
 
 
-NORMS = ("transductive", "inductive", "none")
+NORMS = ("transductive", "running", "inductive", "none")
 
 # Up to this many patch columns (3×3 greyscale: 9, RGB: 27) a block with batch
 # statistics and im2col convolutions computes its convolution and batch norm
@@ -131,17 +131,26 @@ class Conv4(nn.Module):
     mini-ImageNet); then a linear head on the mean over space (Omniglot) or the
     flattened features (mini-ImageNet).
 
-    Normalisation (``norm``), always without running averages, so the model is
-    a pure function of ``(params, inputs)``:
+    Normalisation (``norm``):
 
     * ``"transductive"`` (default; what the original MAML code and learn2learn's
       examples do): batch norm with the statistics of the current batch, at train
       and test time. Predictions for one query example depend on the other query
       examples of the same batch.
+    * ``"running"``: batch norm with running averages, the usual inductive
+      setting: ``model.apply(variables, x, train=True, mutable=["batch_stats"])``
+      normalises with the batch's statistics and updates the running mean and
+      (biased) variance in the ``batch_stats`` collection (``r ← m·r + (1−m)·b``,
+      ``m = momentum``); ``train=False`` normalises with the running averages, so
+      a prediction depends on its own example alone. Use it through a stateful
+      loss (``maml_jax.from_linen``) and a learner built with ``has_state=True``.
     * ``"inductive"``: each example is normalised by its own statistics over
       (H, W, C) with a per-channel scale and offset, so a prediction depends on
       that example alone.
     * ``"none"``.
+
+    The other norms keep no state: the model is a pure function of
+    ``(params, inputs)`` and ``train`` is ignored.
 
     Attributes:
       num_classes: width of the output (the ``ways``), or ``None`` to return the
@@ -161,6 +170,8 @@ class Conv4(nn.Module):
         convolution and batch norm together as ``ops.conv_batch_norm`` (its
         bias, which cancels, gets a zero gradient).
       eps: added to the variance in the normalisation.
+      momentum: the running averages' decay with ``norm="running"`` (0.9: the
+        0.1 of PyTorch's convention, as in MAML++).
       param_dtype: dtype of the parameters (float32, also under ``jax_enable_x64``).
       dtype: compute dtype of the convolutions and the head (e.g. ``jnp.bfloat16``
         for mixed precision: parameters stay ``param_dtype``, normalisation
@@ -185,15 +196,16 @@ class Conv4(nn.Module):
     norm_scale: bool = True
     conv_impl: str = "auto"
     eps: float = 1e-5
+    momentum: float = 0.9
     param_dtype: Any = jnp.float32
     dtype: Any = None
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
         self._check(x)
         conv_impl = ops.resolve_conv_impl(self.conv_impl)
         for block in range(4):
-            x = self._conv_and_norm(x, block, conv_impl)
+            x = self._conv_and_norm(x, block, conv_impl, train)
             x = nn.relu(x)
             if self.downsample == "maxpool":  # "stride": the convolution strided
                 x = ops.max_pool_2x2(x)
@@ -219,7 +231,9 @@ class Conv4(nn.Module):
         if self.downsample not in ("stride", "maxpool"):
             raise ValueError("downsample must be 'stride' or 'maxpool'.")
 
-    def _conv_and_norm(self, x: jax.Array, block: int, conv_impl: str) -> jax.Array:
+    def _conv_and_norm(
+        self, x: jax.Array, block: int, conv_impl: str, train: bool
+    ) -> jax.Array:
         """A block's 3×3 convolution (stride 2 when it downsamples) and its
         normalisation."""
         stride = 2 if self.downsample == "stride" else 1
@@ -246,7 +260,7 @@ class Conv4(nn.Module):
             )
         x = ops.conv2d(x, kernel, stride=stride, impl=conv_impl)
         x = x.astype(jnp.promote_types(x.dtype, jnp.float32)) + _channels(bias)
-        return self._normalize(x, block)
+        return self._normalize(x, block, train)
 
     def _normalizes_patches(
         self, conv_impl: str, kernel_shape: tuple[int, ...]
@@ -278,15 +292,36 @@ class Conv4(nn.Module):
         )
         return scale, offset
 
-    def _normalize(self, x: jax.Array, block: int) -> jax.Array:
+    def _normalize(self, x: jax.Array, block: int, train: bool) -> jax.Array:
         if self.norm == "none":
             return x
-        axes = (0, 1, 2) if self.norm == "transductive" else (1, 2, 3)
-        x = ops.standardize(x, axes, self.eps)
+        if self.norm == "running":
+            x = self._running_standardize(x, block, train)
+        else:
+            axes = (0, 1, 2) if self.norm == "transductive" else (1, 2, 3)
+            x = ops.standardize(x, axes, self.eps)
         scale, offset = self._norm_params(block)
         if scale is not None:
             x = x * _channels(scale)
         return x + _channels(offset)
+
+
+    def _running_standardize(self, x: jax.Array, block: int, train: bool) -> jax.Array:
+        """Batch norm's standardisation with running averages (``norm="running"``)."""
+        shape, dtype = (self.filters,), jnp.float32
+        mean = self.variable("batch_stats", f"norm{block}_mean", jnp.zeros, shape, dtype)
+        var = self.variable("batch_stats", f"norm{block}_var", jnp.ones, shape, dtype)
+        if not train:
+            return (x - _channels(mean.value)) * jax.lax.rsqrt(
+                _channels(var.value) + self.eps
+            )
+        if not self.is_initializing():
+            # Like flax.linen.BatchNorm: init leaves the averages at (0, 1).
+            batch = jax.lax.stop_gradient(x)
+            m = self.momentum
+            mean.value = m * mean.value + (1 - m) * batch.mean((0, 1, 2))
+            var.value = m * var.value + (1 - m) * batch.var((0, 1, 2))
+        return ops.standardize(x, (0, 1, 2), self.eps)
 
 
 def _channels(v: jax.Array) -> jax.Array:

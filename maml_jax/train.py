@@ -15,7 +15,7 @@ import optax
 from flax import struct
 
 from maml_jax import _fit_log, _validation, core
-from maml_jax.types import Aux, MetaLearner, MetaParams, Params, Task
+from maml_jax.types import Aux, MetaLearner, MetaParams, ModelState, Params, Task
 
 TaskSampler = Callable[[jax.Array], Task]
 """``key -> Task`` batch; traced inside the jitted step (on-device sampling)."""
@@ -41,6 +41,12 @@ class MetaTrainState(struct.PyTreeNode):
         int32 scalar array, so it is checkpointed and survives a resume.
       learner: the ``MetaLearner`` (static).
       tx: the outer ``optax`` optimizer (static).
+      model_state: the model state (BatchNorm running statistics) of a learner
+        built with ``has_state=True``; ``None`` otherwise. Every train step
+        replaces it with ``state_reduction`` of the tasks' new states (not a
+        gradient update); it is checkpointed with the rest.
+      state_reduction: combines the tasks' new model states (static; default
+        ``core.mean_state``).
       batching: how tasks are batched in ``core.meta_value_and_grad`` (static).
       chunk_size: tasks per chunk for ``"scan"``/``"unroll"`` batching (static).
     """
@@ -51,6 +57,10 @@ class MetaTrainState(struct.PyTreeNode):
     skipped_steps: jax.Array
     learner: MetaLearner = struct.field(pytree_node=False)
     tx: optax.GradientTransformation = struct.field(pytree_node=False)
+    model_state: ModelState = None
+    state_reduction: core.StateReduction = struct.field(
+        pytree_node=False, default=core.mean_state
+    )
     batching: str = struct.field(pytree_node=False, default="auto")
     chunk_size: int | None = struct.field(pytree_node=False, default=None)
 
@@ -63,11 +73,15 @@ class MetaTrainState(struct.PyTreeNode):
         tx: optax.GradientTransformation,
         batching: core.TaskBatching = "auto",
         chunk_size: int | None = None,
+        model_state: ModelState = None,
+        state_reduction: core.StateReduction = core.mean_state,
     ) -> MetaTrainState:
         """Builds the state: ``meta_params = learner.init(params)``, step 0.
 
-        The meta-parameters are copied, so donating the state to
-        ``meta_train_step`` or ``fit`` never invalidates the caller's ``params``.
+        The meta-parameters (and ``model_state``) are copied, so donating the
+        state to ``meta_train_step`` or ``fit`` never invalidates the caller's
+        ``params``. ``model_state`` is required for a learner built with
+        ``has_state=True`` and refused otherwise.
         """
         if batching not in core.TASK_BATCHING:
             raise ValueError(
@@ -75,6 +89,16 @@ class MetaTrainState(struct.PyTreeNode):
             )
         if chunk_size is not None:
             _validation.check_positive_int("chunk_size", chunk_size)
+        if learner.has_state and model_state is None:
+            raise ValueError(
+                "The learner was built with has_state=True: pass its initial "
+                "model state, MetaTrainState.create(..., model_state=state)."
+            )
+        if not learner.has_state and model_state is not None:
+            raise ValueError(
+                "model_state was given, but the learner was built without "
+                "has_state=True, so its loss takes none."
+            )
         meta_params = jax.tree.map(jnp.array, learner.init(params))
         return cls(
             step=jnp.zeros((), jnp.int32),
@@ -83,6 +107,8 @@ class MetaTrainState(struct.PyTreeNode):
             skipped_steps=jnp.zeros((), jnp.int32),
             learner=learner,
             tx=tx,
+            model_state=jax.tree.map(jnp.array, model_state),
+            state_reduction=state_reduction,
             batching=batching,
             chunk_size=chunk_size,
         )
@@ -127,6 +153,7 @@ def train_step(
       with ``nonfinite="skip"`` also ``skipped`` (a bool, this step's verdict).
     """
     _check_nonfinite(nonfinite)
+    stateful = state.learner.has_state
     (loss, aux), grads = core.meta_value_and_grad(
         state.learner,
         state.meta_params,
@@ -134,26 +161,36 @@ def train_step(
         batching=state.batching,
         chunk_size=state.chunk_size,
         outer_step=state.step,
+        **(
+            {"state": state.model_state, "state_reduction": state.state_reduction}
+            if stateful
+            else {}
+        ),
     )
+    if stateful:
+        aux, model_state = aux
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
     if not pre_adaptation_query:
         aux = {k: v for k, v in aux.items() if not _is_pre_adaptation_query(k)}
     metrics.update({k: jnp.mean(v) for k, v in aux.items()})
     new_state = state.apply_gradients(grads=grads)
+    if stateful:
+        new_state = new_state.replace(model_state=model_state)
     if nonfinite == "skip":
         # A select inside the jitted step (no host round trip). Not
         # ``optax.apply_if_finite``: that checks only the gradients, keeps its
         # counter in the optimizer state (so the caller must wrap ``tx``) and
         # applies the update after ``max_consecutive_errors`` bad steps.
         finite = jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"])
-        meta_params, opt_state = optax.tree.where(
+        meta_params, opt_state, model_state = optax.tree.where(
             finite,
-            (new_state.meta_params, new_state.opt_state),
-            (state.meta_params, state.opt_state),
+            (new_state.meta_params, new_state.opt_state, new_state.model_state),
+            (state.meta_params, state.opt_state, state.model_state),
         )
         new_state = new_state.replace(
             meta_params=meta_params,
             opt_state=opt_state,
+            model_state=model_state,
             skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32),
         )
         metrics["skipped"] = ~finite

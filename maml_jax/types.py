@@ -73,6 +73,8 @@ class AdaptFn(Protocol):
 
     Returns the adapted model parameters (the structure given to ``init``) of one
     task; ``num_steps=None`` runs the learner's trained number of inner steps.
+    A learner with model state takes ``state=`` (and ``training=False``) and
+    returns ``(params, new_state)``.
     """
 
     def __call__(
@@ -85,7 +87,8 @@ class MetaLossFn(Protocol):
 
     ``outer_step`` is the training progress (the number of meta-updates taken, a
     traced int), for learners whose meta-loss changes during training (MAML++'s
-    annealed multi-step loss); the others ignore it.
+    annealed multi-step loss); the others ignore it. A learner with model
+    state takes ``state=`` and returns ``(loss, (aux, new_state))``.
     """
 
     def __call__(
@@ -94,7 +97,10 @@ class MetaLossFn(Protocol):
 
 
 class CurveFn(Protocol):
-    """``adaptation_curve(meta_params, task, num_steps) -> aux`` (leaves ``(K+1,)``)."""
+    """``adaptation_curve(meta_params, task, num_steps) -> aux`` (leaves ``(K+1,)``).
+
+    A learner with model state takes ``state=`` and runs in inference mode.
+    """
 
     def __call__(self, meta_params: MetaParams, task: Task, num_steps: int) -> Aux: ...
 
@@ -129,6 +135,9 @@ class MetaLearner(NamedTuple):
         parameters (predict with ``maml_jax.predict`` and the model's
         ``apply_fn``); otherwise the learner's own classifier (ProtoNets:
         negative distances to the support's class prototypes).
+      has_state: whether the learner's loss carries model state
+        (``StatefulLossFn``): its functions then take ``state=`` and
+        ``adapt`` / ``meta_loss`` also return the new state.
     """
 
     init: InitFn
@@ -136,3 +145,4 @@ class MetaLearner(NamedTuple):
     meta_loss: MetaLossFn
     adaptation_curve: CurveFn
     predict: PredictFn | None = None
+    has_state: bool = False

@@ -47,6 +47,7 @@ def gradient_learner(
     first_order: bool,
     remat: bool,
     has_aux: bool,
+    has_state: bool = False,
     objective: Objective | None = None,
     observe_query: bool = False,
 ) -> MetaLearner:
@@ -56,25 +57,53 @@ def gradient_learner(
       init: ``params -> meta_params``.
       inner_problem: ``meta_params -> InnerProblem``.
       num_inner_steps: the trained number of inner steps ``K``.
-      first_order, remat, has_aux: as in ``core.inner_loop``.
+      first_order, remat, has_aux, has_state: as in ``core.inner_loop``.
       objective: replaces the meta-loss ``L_Q(φ_K)`` (MAML++'s multi-step loss,
         Reptile's surrogate); called with the meta-parameters, the adapted
         part, the inner trace, ``L_Q(φ_K)`` and the outer step.
       observe_query: record the query ``(loss, aux)`` after every inner step in
         ``trace.observed`` (for ``objective``).
+
+    With model state, each task threads it through its ``K`` support passes and
+    then its query pass (all in training mode); ``meta_loss`` returns the state
+    after the query pass. ``adapt`` and ``adaptation_curve`` default to
+    inference mode.
     """
+    has_state = check_flag("has_state", has_state)
 
     def steps(num_steps: int | None) -> int:
         if num_steps is None:
             return num_inner_steps
         return _validation.check_positive_int("num_steps", num_steps)
 
-    def run(meta_params, support, num_steps, query=None):
+    def check_state(state: Any, where: str) -> dict[str, Any]:
+        if has_state:
+            if state is None:
+                raise ValueError(
+                    f"{where}: the learner was built with has_state=True, so it "
+                    f"needs the model state: pass state=... (e.g. the model's "
+                    f"batch_stats, or train_state.model_state)."
+                )
+            return {"state": state, "has_state": True}
+        if state is not None:
+            raise ValueError(
+                f"{where} got a model state, but the learner was built without "
+                f"has_state=True, so its loss takes none."
+            )
+        return {}
+
+    def run(meta_params, support, num_steps, query=None, *, state=None, training=True):
         problem = inner_problem(meta_params)
         observe = None
         if query is not None:
-            observe = lambda p: core.loss_and_aux(
-                problem.loss_fn, p, query, has_aux=has_aux
+            observe = lambda p, s=state: core.call_loss(
+                problem.loss_fn,
+                p,
+                query,
+                has_aux=has_aux,
+                state=s,
+                has_state=has_state,
+                training=training,
             )
         phi, trace = core.inner_loop(
             problem.loss_fn,
@@ -86,27 +115,56 @@ def gradient_learner(
             remat=remat,
             has_aux=has_aux,
             observe=observe,
+            state=state,
+            has_state=has_state,
+            training=training,
         )
         return problem, phi, trace
 
     def adapt(
-        meta_params: MetaParams, support: Batch, *, num_steps: int | None = None
-    ) -> Params:
+        meta_params: MetaParams,
+        support: Batch,
+        *,
+        num_steps: int | None = None,
+        state: Any = None,
+        training: bool = False,
+    ) -> Any:
         _validation.check_examples(support, "adapt: support")
-        problem, phi, _ = run(meta_params, support, steps(num_steps))
-        return problem.to_model(phi)
+        stateful = check_state(state, "adapt")
+        problem, phi, trace = run(
+            meta_params,
+            support,
+            steps(num_steps),
+            state=state,
+            training=check_flag("training", training),
+        )
+        if not stateful:
+            return problem.to_model(phi)
+        return problem.to_model(phi), trace.state
 
     def meta_loss(
-        meta_params: MetaParams, task: Task, *, outer_step: Any = None
-    ) -> tuple[jax.Array, Aux]:
+        meta_params: MetaParams,
+        task: Task,
+        *,
+        outer_step: Any = None,
+        state: Any = None,
+    ) -> tuple[jax.Array, Any]:
         _validation.check_task(task, "meta_loss")
+        stateful = check_state(state, "meta_loss")
         query = task.query if observe_query else None
-        problem, phi, trace = run(meta_params, task.support, num_inner_steps, query)
+        problem, phi, trace = run(
+            meta_params, task.support, num_inner_steps, query, state=state
+        )
         if observe_query:
-            query_post = jax.tree.map(lambda x: x[-1], trace.observed)
+            *query_post, query_state = jax.tree.map(lambda x: x[-1], trace.observed)
         else:
-            query_post = core.loss_and_aux(
-                problem.loss_fn, phi, task.query, has_aux=has_aux
+            *query_post, query_state = core.call_loss(
+                problem.loss_fn,
+                phi,
+                task.query,
+                has_aux=has_aux,
+                state=trace.state,
+                has_state=has_state,
             )
         aux = core.task_metrics(
             problem.loss_fn,
@@ -115,14 +173,20 @@ def gradient_learner(
             task,
             trace.support_loss[0],
             has_aux=has_aux,
-            query_post=query_post,
+            query_post=tuple(query_post),
+            **stateful,
         )
         loss = query_post[0]
         if objective is not None:
             loss = objective(meta_params, phi, trace, loss, outer_step)
-        return loss, aux
+        if not stateful:
+            return loss, aux
+        return loss, (aux, query_state)
 
-    def adaptation_curve(meta_params: MetaParams, task: Task, num_steps: int) -> Aux:
+    def adaptation_curve(
+        meta_params: MetaParams, task: Task, num_steps: int, *, state: Any = None
+    ) -> Aux:
+        stateful = check_state(state, "adaptation_curve")
         problem = inner_problem(meta_params)
         return core.adaptation_curve(
             problem.loss_fn,
@@ -131,9 +195,10 @@ def gradient_learner(
             optimizer=problem.optimizer,
             num_steps=num_steps,
             has_aux=has_aux,
+            **stateful,
         )
 
-    return MetaLearner(init, adapt, meta_loss, adaptation_curve)
+    return MetaLearner(init, adapt, meta_loss, adaptation_curve, has_state=has_state)
 
 
 def check_flag(name: str, value: Any) -> bool:

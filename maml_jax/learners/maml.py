@@ -22,6 +22,7 @@ def maml(
     first_order: bool = False,
     remat: bool = False,
     has_aux: bool = False,
+    has_state: bool = False,
 ) -> MetaLearner:
     r"""Model-Agnostic Meta-Learning (MAML).
 
@@ -54,6 +55,8 @@ def maml(
         instead of storing its activations: peak memory no longer grows with
         the activations of every step, for ~one extra forward/backward per step.
       has_aux: whether ``loss_fn`` returns ``(loss, aux_dict)``.
+      has_state: whether ``loss_fn`` carries model state: a ``StatefulLossFn``
+        ``loss_fn(params, state, batch, *, training) -> (loss, new_state)``.
 
     Returns:
       A ``MetaLearner``; ``init`` is the identity (the meta-parameters are the
@@ -94,6 +97,7 @@ def maml(
         first_order=check_flag("first_order", first_order),
         remat=check_flag("remat", remat),
         has_aux=has_aux,
+        has_state=has_state,
     )
 
 
@@ -106,6 +110,7 @@ def fomaml(
     first_order: bool = True,
     remat: bool = False,
     has_aux: bool = False,
+    has_state: bool = False,
 ) -> MetaLearner:
     """First-order MAML: ``maml(..., first_order=True)``.
 
@@ -129,6 +134,7 @@ def fomaml(
         first_order=True,
         remat=remat,
         has_aux=has_aux,
+        has_state=has_state,
     )
 
 
@@ -146,6 +152,7 @@ def anil(
     first_order: bool = False,
     remat: bool = False,
     has_aux: bool = False,
+    has_state: bool = False,
 ) -> MetaLearner:
     r"""Almost No Inner Loop (ANIL): MAML where only some parameters adapt.
 
@@ -171,6 +178,8 @@ def anil(
       first_order: drop second-order terms (stop the inner gradients).
       remat: ``jax.checkpoint`` each inner step.
       has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+      has_state: whether ``loss_fn`` carries model state: a ``StatefulLossFn``
+        ``loss_fn(params, state, batch, *, training) -> (loss, new_state)``.
 
     Returns:
       A ``MetaLearner`` whose meta-parameters are the full ``params``.
@@ -237,7 +246,7 @@ def anil(
         to_model = lambda a: combine(treedef, a, frozen, f)
         return InnerProblem(
             start=adapted,
-            loss_fn=lambda a, batch: loss_fn(to_model(a), batch),
+            loss_fn=lambda a, *args, **kwargs: loss_fn(to_model(a), *args, **kwargs),
             optimizer=update_rules.inner_optimizer(rates, inner_optimizer),
             to_model=to_model,
         )
@@ -249,4 +258,5 @@ def anil(
         first_order=check_flag("first_order", first_order),
         remat=check_flag("remat", remat),
         has_aux=has_aux,
+        has_state=has_state,
     )

@@ -71,6 +71,7 @@ def maml_plus_plus(
     first_order: bool = False,
     remat: bool = False,
     has_aux: bool = False,
+    has_state: bool = False,
 ) -> MetaLearner:
     r"""MAML++ (Antoniou, Edwards & Storkey, 2019), each technique switchable.
 
@@ -107,6 +108,8 @@ def maml_plus_plus(
       first_order: stop the inner gradients.
       remat: ``jax.checkpoint`` each inner step.
       has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+      has_state: whether ``loss_fn`` carries model state: a ``StatefulLossFn``
+        ``loss_fn(params, state, batch, *, training) -> (loss, new_state)``.
 
     References:
       Antoniou, Edwards & Storkey, "How to train your MAML", ICLR 2019.
@@ -151,7 +154,7 @@ def maml_plus_plus(
         else:
             step = 0 if outer_step is None else outer_step
             weights = msl_weights(step, k, anneal_steps=msl_anneal_steps)
-        query_losses, _ = trace.observed
+        query_losses = trace.observed[0]
         return jnp.sum(weights.astype(query_losses.dtype) * query_losses)
 
     return gradient_learner(
@@ -161,6 +164,7 @@ def maml_plus_plus(
         first_order=check_flag("first_order", first_order),
         remat=check_flag("remat", remat),
         has_aux=has_aux,
+        has_state=has_state,
         objective=multi_step if multi_step_loss else None,
         observe_query=multi_step_loss,
     )

@@ -41,6 +41,7 @@ def meta_sgd(
     first_order: bool = False,
     remat: bool = False,
     has_aux: bool = False,
+    has_state: bool = False,
 ) -> MetaLearner:
     r"""Meta-SGD: MAML with a learned learning rate for every parameter element.
 
@@ -59,6 +60,8 @@ def meta_sgd(
         gradient through ``α ∘ g``).
       remat: ``jax.checkpoint`` each inner step.
       has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+      has_state: whether ``loss_fn`` carries model state: a ``StatefulLossFn``
+        ``loss_fn(params, state, batch, *, training) -> (loss, new_state)``.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -95,4 +98,5 @@ def meta_sgd(
         first_order=check_flag("first_order", first_order),
         remat=check_flag("remat", remat),
         has_aux=has_aux,
+        has_state=has_state,
     )

@@ -22,6 +22,7 @@ def reptile(
     first_order: bool = True,
     remat: bool = False,
     has_aux: bool = False,
+    has_state: bool = False,
 ) -> MetaLearner:
     r"""Reptile (Nichol, Achiam & Schulman, 2018).
 
@@ -49,6 +50,8 @@ def reptile(
       remat: must stay ``False``: there is no backward pass through the inner
         loop to save memory in.
       has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+      has_state: whether ``loss_fn`` carries model state: a ``StatefulLossFn``
+        ``loss_fn(params, state, batch, *, training) -> (loss, new_state)``.
 
     Returns:
       A ``MetaLearner``; its ``meta_loss`` aux holds the usual pre/post
@@ -109,6 +112,7 @@ def reptile(
         first_order=True,
         remat=False,
         has_aux=has_aux,
+        has_state=has_state,
         objective=surrogate,
     )
 
