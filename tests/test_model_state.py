@@ -353,3 +353,40 @@ def test_vmap_of_meta_loss_equals_a_loop_over_tasks():
     chex.assert_trees_all_close(
         batched, jax.tree.map(lambda *x: jnp.stack(x), *looped), rtol=1e-12
     )
+
+
+def _embed(p, s, x, *, training):
+    out, new = forward({**p, "w2": p["w2"], "b2": p["b2"]}, s, x, training)
+    h = x @ p["w1"] + p["b1"][None]
+    mu, var = (h.mean(0), h.var(0)) if training else (s["mean"], s["var"])
+    h = (h - mu[None]) * (jax.lax.rsqrt(var + 1e-5) * p["gamma"])[None]
+    del out
+    return jax.nn.relu(h + p["beta"][None]), new
+
+
+def test_protonet_threads_state_through_support_and_query():
+    theta, state, _ = setup()
+    ways, shots = 2, 3
+    x = jax.random.normal(jax.random.key(3), (2, ways * shots, 1), jnp.float64)
+    labels = jnp.tile(jnp.arange(ways), shots)
+    tasks = maml_jax.Task(
+        support=(x, jnp.stack([labels, labels])), query=(x * 1.1, jnp.stack([labels] * 2))
+    )
+    learner = maml_jax.protonet(_embed, ways=ways, has_state=True)
+    task = one_task(tasks)
+    loss, (aux, new_state) = learner.meta_loss(theta, task, state=state)
+    _, s1 = _embed(theta, state, task.support[0], training=True)
+    _, s2 = _embed(theta, s1, task.query[0], training=True)
+    chex.assert_trees_all_close(new_state, s2, rtol=1e-12)
+    plain = maml_jax.protonet(
+        lambda p, x: _embed(p, state, x, training=True)[0], ways=ways
+    )
+    chex.assert_trees_all_close(loss, plain.meta_loss(theta, task)[0], rtol=1e-12)
+    (_, (_, reduced)), _ = core.meta_value_and_grad(
+        learner, theta, tasks, state=state, batching="vmap"
+    )
+    assert reduced["mean"].shape == (8,)
+    logits = maml_jax.predict(learner, theta, task.support, task.query[0], state=state)
+    assert logits.shape == (ways * shots, ways)
+    with pytest.raises(ValueError, match="has_state=True"):
+        learner.meta_loss(theta, task)

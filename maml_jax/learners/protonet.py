@@ -97,6 +97,7 @@ def protonet(
     ways: int,
     distance: Distance = "sqeuclidean",
     scale: float = 1.0,
+    has_state: bool = False,
 ) -> MetaLearner:
     r"""Prototypical Networks (ProtoNets) as a ``MetaLearner``.
 
@@ -151,6 +152,13 @@ def protonet(
       distance: ``"sqeuclidean"`` (default, as in the paper) or ``"cosine"``.
       scale: ``s > 0``, a fixed factor on the logits (an inverse temperature);
         mostly useful with ``"cosine"``, whose logits lie in ``[−2, 0]``.
+      has_state: whether the embedding carries model state (BatchNorm running
+        statistics): ``embed_fn(params, state, inputs, *, training) ->
+        (embeddings, new_state)``. The learner's functions then take
+        ``state=``; ``meta_loss`` threads it through the support and the query
+        pass (training mode) and returns ``(loss, (aux, new_state))``;
+        ``adapt`` returns ``(params, state)``; ``predict`` and
+        ``adaptation_curve`` run in inference mode.
 
     Returns:
       A ``MetaLearner`` with ``init``, ``adapt``, ``meta_loss``,
@@ -187,10 +195,37 @@ def protonet(
         raise ValueError(f"distance must be one of {DISTANCES}; got {distance!r}.")
     scale = _check_scale(scale)
 
-    def embed(params: Params, inputs: Any, labels: jax.Array, where: str):
-        embeddings = embed_fn(params, inputs)
-        _check_embeddings(embeddings, jnp.shape(labels)[0], where)
-        return embeddings
+    if not isinstance(has_state, bool):
+        raise TypeError(f"has_state must be True or False; got {has_state!r}.")
+
+    def check_state(state: Any, where: str) -> None:
+        if has_state and state is None:
+            raise ValueError(
+                f"{where}: the learner was built with has_state=True, so it needs "
+                f"the model state: pass state=... (e.g. train_state.model_state)."
+            )
+        if not has_state and state is not None:
+            raise ValueError(
+                f"{where} got a model state, but the learner was built without "
+                f"has_state=True, so its embed_fn takes none."
+            )
+
+    def embed(params, state, inputs, num_labels, where, training):
+        if has_state:
+            call = "embed_fn(params, state, inputs, training=...)"
+            out = embed_fn(params, state, inputs, training=training)
+            if not (isinstance(out, tuple) and len(out) == 2):
+                raise TypeError(
+                    f"{call} with has_state=True must return (embeddings, "
+                    f"new_state); got {type(out).__name__}."
+                )
+            embeddings, new_state = out
+            _validation.check_state_structure(state, new_state, call)
+            new_state = jax.lax.stop_gradient(new_state)
+        else:
+            embeddings, new_state = embed_fn(params, inputs), state
+        _check_embeddings(embeddings, num_labels, where)
+        return embeddings, new_state
 
     def classify(embeddings, labels, prototypes) -> tuple[jax.Array, jax.Array]:
         logits = scale * prototype_logits(embeddings, prototypes, distance)
@@ -199,32 +234,45 @@ def protonet(
         accuracy = jnp.mean(correct.astype(logits.dtype))
         return loss, accuracy
 
-    def episode(params: Params, task: Task, where: str) -> Aux:
+    def episode(params, task, where, state, training) -> tuple[Aux, Any]:
         _validation.check_task(task, where)
         s_inputs, s_labels = _unpack(task.support, f"{where}: task.support")
         q_inputs, q_labels = _unpack(task.query, f"{where}: task.query")
         _check_support_matches_query(s_inputs, q_inputs, where)
-        s_emb = embed(params, s_inputs, s_labels, f"{where}: task.support")
-        q_emb = embed(params, q_inputs, q_labels, f"{where}: task.query")
+        s_emb, state = embed(
+            params, state, s_inputs, s_labels.shape[0], f"{where}: task.support",
+            training,
+        )
+        q_emb, state = embed(
+            params, state, q_inputs, q_labels.shape[0], f"{where}: task.query",
+            training,
+        )
         prototypes = class_prototypes(s_emb, s_labels, ways)
         q_loss, q_accuracy = classify(q_emb, q_labels, prototypes)
         s_loss, _ = classify(s_emb, s_labels, prototypes)
-        return {
+        metrics = {
             "support_loss": s_loss,
             "query_loss": q_loss,
             "query_accuracy": q_accuracy,
         }
+        return metrics, state
 
     def init(params: Params) -> Params:
         return params
 
     def adapt(
-        meta_params: Params, support: Batch, *, num_steps: int | None = None
-    ) -> Params:
-        del num_steps
+        meta_params: Params,
+        support: Batch,
+        *,
+        num_steps: int | None = None,
+        state: Any = None,
+        training: bool = False,
+    ) -> Any:
+        del num_steps, training
+        check_state(state, "adapt")
         _validation.check_examples(support, "adapt: support")
         _unpack(support, "adapt: support")
-        return meta_params
+        return (meta_params, state) if has_state else meta_params
 
     def predict(
         meta_params: Params,
@@ -232,35 +280,47 @@ def protonet(
         inputs: Any,
         *,
         num_steps: int | None = None,
+        state: Any = None,
     ) -> jax.Array:
         del num_steps
+        check_state(state, "predict")
         _validation.check_examples(support, "predict: support")
         s_inputs, s_labels = _unpack(support, "predict: support")
-        s_emb = embed(meta_params, s_inputs, s_labels, "predict: support")
+        s_emb, _ = embed(
+            meta_params, state, s_inputs, s_labels.shape[0], "predict: support", False
+        )
         prototypes = class_prototypes(s_emb, s_labels, ways)
         _check_support_matches_query(s_inputs, inputs, "predict")
-        embeddings = embed_fn(meta_params, inputs)
+        embeddings, _ = embed(
+            meta_params, state, inputs, None, "predict: inputs", False
+        )
         return scale * prototype_logits(embeddings, prototypes, distance)
 
     def meta_loss(
-        meta_params: Params, task: Task, *, outer_step: Any = None
-    ) -> tuple[jax.Array, Aux]:
+        meta_params: Params, task: Task, *, outer_step: Any = None, state: Any = None
+    ) -> tuple[jax.Array, Any]:
         del outer_step
-        metrics = episode(meta_params, task, "meta_loss")
+        check_state(state, "meta_loss")
+        metrics, new_state = episode(meta_params, task, "meta_loss", state, True)
         loss = metrics["query_loss"]
         metrics = jax.lax.stop_gradient(metrics)
         aux = {}
         for name, value in metrics.items():
             aux[f"{name}_pre"] = value
             aux[f"{name}_post"] = value
-        return loss, aux
+        return (loss, (aux, new_state)) if has_state else (loss, aux)
 
-    def adaptation_curve(meta_params: Params, task: Task, num_steps: int) -> Aux:
+    def adaptation_curve(
+        meta_params: Params, task: Task, num_steps: int, *, state: Any = None
+    ) -> Aux:
         num_steps = _validation.check_positive_int("num_steps", num_steps)
-        metrics = episode(meta_params, task, "adaptation_curve")
+        check_state(state, "adaptation_curve")
+        metrics, _ = episode(meta_params, task, "adaptation_curve", state, False)
         return {k: jnp.full((num_steps + 1,), v) for k, v in metrics.items()}
 
-    return MetaLearner(init, adapt, meta_loss, adaptation_curve, predict)
+    return MetaLearner(
+        init, adapt, meta_loss, adaptation_curve, predict, has_state=has_state
+    )
 
 
 def _unit(x: jax.Array) -> jax.Array:
@@ -302,9 +362,9 @@ def _unpack(batch: Any, where: str) -> tuple[Any, jax.Array]:
     return inputs, labels
 
 
-def _check_embeddings(embeddings: Any, num_labels: int, where: str) -> None:
+def _check_embeddings(embeddings: Any, num_labels: int | None, where: str) -> None:
     shape = jnp.shape(embeddings)
-    if len(shape) != 2 or shape[0] != num_labels:
+    if len(shape) != 2 or shape[0] != (shape[0] if num_labels is None else num_labels):
         raise ValueError(
             f"{where}: embed_fn must return embeddings of shape (num_examples, dim) "
             f"with one row per label ({num_labels}); got shape {shape}."
