@@ -78,7 +78,9 @@ def regression_loss(apply_fn: ApplyFn) -> LossFn:
     return loss_fn
 
 
-def classification_loss(apply_fn: ApplyFn, *, loss_scale: float = 1.0) -> LossFn:
+def classification_loss(
+    apply_fn: ApplyFn, *, loss_scale: float = 1.0, stateful: bool = False
+) -> Callable[..., Any]:
     """Softmax cross-entropy ``loss_fn(params, (inputs, labels)) -> (loss, aux)``.
 
     ``loss = loss_scale · mean_i CE(logits_i, labels_i)`` and
@@ -89,11 +91,15 @@ def classification_loss(apply_fn: ApplyFn, *, loss_scale: float = 1.0) -> LossFn
     Args:
       apply_fn: a Flax ``model.apply`` returning logits ``(num_examples, ways)``.
       loss_scale: a constant multiplying the mean cross-entropy.
+      stateful: return the ``StatefulLossFn`` of a model with mutable
+        collections (``Conv4(norm="running")``): ``loss_fn(params, state,
+        batch, *, training) -> ((loss, aux), new_state)`` with ``state`` the
+        non-``params`` variables (``{"batch_stats": ...}``), applied with
+        ``train=training`` and, in training, those collections mutable. Use it
+        with ``has_aux=True, has_state=True``.
     """
 
-    def loss_fn(params: Params, batch: Batch) -> tuple[jax.Array, Aux]:
-        inputs, labels = _unpack(batch)
-        logits = _apply(apply_fn, params, inputs)
+    def loss_and_accuracy(logits, labels) -> tuple[jax.Array, Aux]:
         if logits.ndim != 2 or jnp.shape(labels) != logits.shape[:1]:
             raise ValueError(
                 f"classification_loss: expected logits (num_examples, ways) and "
@@ -104,7 +110,32 @@ def classification_loss(apply_fn: ApplyFn, *, loss_scale: float = 1.0) -> LossFn
         accuracy = jnp.mean(jnp.argmax(logits, axis=-1) == labels)
         return loss_scale * jnp.mean(ce), {"accuracy": accuracy}
 
-    return loss_fn
+    def loss_fn(params: Params, batch: Batch) -> tuple[jax.Array, Aux]:
+        inputs, labels = _unpack(batch)
+        return loss_and_accuracy(_apply(apply_fn, params, inputs), labels)
+
+    def stateful_loss_fn(params: Params, state: Any, batch: Batch, *, training: bool):
+        inputs, labels = _unpack(batch)
+        logits, state = apply_with_state(apply_fn, params, state, inputs, training)
+        return loss_and_accuracy(logits, labels), state
+
+    return stateful_loss_fn if stateful else loss_fn
+
+
+def apply_with_state(
+    apply_fn: ApplyFn, params: Params, state: Any, inputs: Any, training: bool
+) -> tuple[Any, Any]:
+    """``apply_fn`` of a Linen model with mutable collections: ``(outputs, state)``.
+
+    ``state`` holds the non-``params`` collections (``{"batch_stats": ...}``).
+    In training they are mutable and come back updated; in inference
+    (``train=False``) they are read and returned unchanged.
+    """
+    variables = {"params": params, **state}
+    if not training:
+        return apply_fn(variables, inputs, train=False), state
+    outputs, updates = apply_fn(variables, inputs, train=True, mutable=list(state))
+    return outputs, {**state, **updates}
 
 
 def _unpack(batch: Any) -> tuple[Any, Any]:

@@ -108,7 +108,7 @@ def final_params(run_dir):
     from maml_jax.checkpoint import Checkpointer
 
     config = presets.FewShotConfig(**json.loads((run_dir / "config.json").read_text()))
-    _, params, learner, tx = learners.build_learner(config, (28, 28, 1))
+    _, params, learner, tx, _ = learners.build_learner(config, (28, 28, 1))
     template = maml_jax.MetaTrainState.create(params=params, learner=learner, tx=tx)
     with Checkpointer(run_dir / "checkpoints", read_only=True) as checkpointer:
         return checkpointer.restore(template)

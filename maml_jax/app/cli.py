@@ -115,7 +115,12 @@ def _train_parser(sub) -> None:
     ):
         p.add_argument(f"--{name}", type=kind)
     p.add_argument("--algorithm", choices=ALGORITHMS)
-    p.add_argument("--norm", choices=("transductive", "inductive", "none"))
+    p.add_argument(
+        "--norm",
+        choices=("transductive", "running", "inductive", "none"),
+        help="Conv4's normalisation (running: batch norm with running averages, "
+        "used at test time)",
+    )
     p.add_argument("--conv-impl", choices=CONV_IMPLS)
     p.add_argument(
         "--precision",

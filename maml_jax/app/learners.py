@@ -33,16 +33,26 @@ _FEW_SHOT_EXTRA = {
 def _make_learner(config: FewShotConfig, model, loss_fn):
     """The learner for ``config.algorithm``, with the paper-style defaults."""
     name = config.algorithm
+    stateful = config.norm == "running"
     if name == "protonet":
         # build_learner made ``model`` headless: its features are the embedding.
-        embed = lambda p, x: model.apply({"params": p}, x)
-        return maml_jax.make_learner(name, embed, ways=config.ways)
+        if stateful:
+            embed = lambda p, s, x, *, training: models.apply_with_state(
+                model.apply, p, s, x, training
+            )
+        else:
+            embed = lambda p, x: model.apply({"params": p}, x)
+        return maml_jax.make_learner(
+            name, embed, ways=config.ways, **({"has_state": True} if stateful else {})
+        )
     kwargs = dict(
         inner_lr=config.inner_lr,
         num_inner_steps=config.inner_steps,
         has_aux=True,
         **_FEW_SHOT_EXTRA.get(name, {}),
     )
+    if stateful:
+        kwargs["has_state"] = True
     if name == "anil":  # only the linear head adapts
         kwargs["adapt_mask"] = lambda p: {k: k == "head" for k in p}
     if name == "maml_plus_plus":
@@ -51,7 +61,8 @@ def _make_learner(config: FewShotConfig, model, loss_fn):
 
 
 def build_learner(config: FewShotConfig, image_shape):
-    """Model, initial params, learner and outer optimizer for ``config``."""
+    """Model, initial params, learner, outer optimizer and initial model state
+    (``None`` unless ``--norm running``) for ``config``."""
     omniglot = config.dataset == "omniglot"
     model = models.Conv4(
         num_classes=None if config.algorithm == "protonet" else config.ways,
@@ -63,15 +74,19 @@ def build_learner(config: FewShotConfig, image_shape):
         dtype=None if config.precision == "float32" else jnp.bfloat16,
     )
     # Jitted: one compile instead of op-by-op dispatch (the same values).
-    params = jax.jit(model.init)(
+    variables = jax.jit(model.init)(
         jax.random.key(config.seed), jnp.zeros((2, *image_shape))
     )
-    loss_fn = models.classification_loss(model.apply, loss_scale=config.ways)
+    params = variables.pop("params")
+    model_state = variables or None
+    loss_fn = models.classification_loss(
+        model.apply, loss_scale=config.ways, stateful=model_state is not None
+    )
     learner = _make_learner(config, model, loss_fn)
     tx = optax.adam(config.outer_lr)
     if config.grad_clip:
         tx = optax.chain(optax.clip(config.grad_clip), tx)
-    return model, params["params"], learner, tx
+    return model, params, learner, tx, model_state
 
 
 def make_learner(args, loss_fn, params) -> MetaLearner:

@@ -296,6 +296,11 @@ class FewShotConfig:
             raise ValueError("--precision must be float32 or bfloat16.")
         if self.norm not in models.NORMS:
             raise ValueError(f"--norm must be one of {models.NORMS}.")
+        if self.norm == "running" and self.algorithm == "imaml":
+            raise ValueError(
+                "--norm running needs a learner that carries model state; imaml "
+                "does not yet. Use --norm transductive with imaml."
+            )
         if memory:
             self.check_episodes_memory("--val-episodes", self.val_episodes)
 

@@ -248,13 +248,16 @@ def _train_locked(
     _check_episodes_fit(config, train_data, "train")
     _check_episodes_fit(config, val_data, "val")
 
-    model, params, learner, tx = build_learner(config, train_data.shape[2:])
+    model, params, learner, tx, model_state = build_learner(
+        config, train_data.shape[2:]
+    )
     state = maml_jax.MetaTrainState.create(
         params=params,
         learner=learner,
         tx=tx,
         batching=config.batching,
         chunk_size=config.chunk_size,
+        model_state=model_state,
     )
     if write_config and primary:  # the run exists once all of it is known to work
         _write_atomic(config_path, json.dumps(dataclasses.asdict(recorded), indent=2))
@@ -292,6 +295,7 @@ def _train_locked(
             val_tasks,
             num_steps=config.test_inner_steps,
             batch_size=50,
+            state=state.model_state,
         )
         return {"val_accuracy": curves["query_accuracy"][:, -1].mean()}
 
@@ -380,8 +384,10 @@ def evaluate_run(
     data_dir = data_folder(config, data_dir, run_dir)
     data = load_classes(config, data_dir, split)
     _check_episodes_fit(config, data, split)
-    _, params, learner, tx = build_learner(config, data.shape[2:])
-    template = maml_jax.MetaTrainState.create(params=params, learner=learner, tx=tx)
+    _, params, learner, tx, model_state = build_learner(config, data.shape[2:])
+    template = maml_jax.MetaTrainState.create(
+        params=params, learner=learner, tx=tx, model_state=model_state
+    )
     # Read-only: the run may still be training (and saving) in another process.
     with Checkpointer(run_dir / "checkpoints", read_only=True) as checkpointer:
         if checkpointer.latest_step() is None:
@@ -397,6 +403,7 @@ def evaluate_run(
         tasks,
         num_steps=steps,
         batch_size=batch_size,
+        state=restored.state.model_state,
     )
     summary = maml_jax.summarize_curves(
         {"accuracy": curves["query_accuracy"], "loss": curves["query_loss"]}
