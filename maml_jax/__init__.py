@@ -1,5 +1,6 @@
 """maml_jax: gradient-based meta-learning as pure JAX functions."""
 
+from maml_jax.adapters import Model, from_equinox, from_linen, from_nnx
 from maml_jax.core import (
     InnerTrace,
     StateReduction,
@@ -146,6 +147,11 @@ __all__ = [
     "Conv4",
     "classification_loss",
     "regression_loss",
+    # Model adapters: Flax Linen, Flax NNX, Equinox -> (loss_fn, params, state)
+    "Model",
+    "from_equinox",
+    "from_linen",
+    "from_nnx",
     # Tasks and episodes
     "EpisodeSpec",
     "SinusoidParams",

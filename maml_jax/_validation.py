@@ -199,6 +199,116 @@ def check_task_batch(tasks: Any, where: str) -> int:
     return num_tasks
 
 
+# Which adapter splits a model of each framework into (loss_fn, params, state).
+ADAPTERS = {
+    "flax.linen": "maml_jax.from_linen(module, variables, loss)",
+    "flax.nnx": "maml_jax.from_nnx(module, loss)",
+    "equinox": "maml_jax.from_equinox(model, loss)",
+}
+
+
+def check_params(params: Any, where: str) -> None:
+    """Checks that every leaf of ``params`` is a floating-point array.
+
+    A whole Flax (Linen or NNX) module, an Equinox module with non-array leaves
+    (e.g. its activation functions), an integer, boolean, key or string leaf is
+    a ``TypeError`` that names the leaf's key path and, for a framework's
+    module, the adapter that splits it. Shapes and dtypes only: works on
+    tracers.
+
+    Args:
+      params: the pytree to be differentiated (meta-learned).
+      where: the caller, put at the start of the message (e.g. ``"maml.init"``).
+
+    Raises:
+      TypeError: at the first leaf (in flattening order) that is not a
+        floating-point array.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> check_params({"w": jnp.zeros(2), "b": 0.5}, "maml.init")
+      >>> check_params({"conv": {"kernel": jnp.zeros(2, jnp.int32)}}, "maml.init")
+      Traceback (most recent call last):
+      ...
+      TypeError: maml.init: params['conv']['kernel'] is an int32 array; ...
+    """
+    # NNX modules are pytrees of their arrays, so flattening would hide them;
+    # stop at any Flax module and report it as one leaf.
+    leaves, _ = jax.tree_util.tree_flatten_with_path(
+        params, is_leaf=lambda x: framework_of(x) in ("flax.linen", "flax.nnx")
+    )
+    for path, leaf in leaves:
+        name = "params" + jax.tree_util.keystr(path)
+        framework = framework_of(leaf)
+        if framework is not None:
+            raise TypeError(
+                f"{where}: {name} is a {framework}.Module "
+                f"({type(leaf).__name__}), not a pytree of arrays; split it "
+                f"into (loss_fn, params, state) with {ADAPTERS[framework]}."
+            )
+        problem = _leaf_problem(leaf)
+        if problem is None:
+            continue
+        message = (
+            f"{where}: {name} is {problem}; meta-parameters must be "
+            f"floating-point arrays (jax.grad differentiates only those)."
+        )
+        module = _enclosing_equinox_module(params, path)
+        if module is not None:
+            message += (
+                f" It belongs to an equinox.Module ({type(module).__name__}); "
+                f"split the model with "
+                f"{ADAPTERS['equinox']}, which keeps only its floating-point "
+                f"arrays as params."
+            )
+        else:
+            message += (
+                " Cast it (e.g. jnp.asarray(x, jnp.float32)), or if it is not "
+                "learned, keep it out of params: close over it in loss_fn, or "
+                "pass it as model state."
+            )
+        raise TypeError(message)
+
+
+def _leaf_problem(leaf: Any) -> str | None:
+    """``None`` for a floating-point array or Python float, else what it is."""
+    if isinstance(leaf, float):
+        return None
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is None or not hasattr(leaf, "shape"):
+        if isinstance(leaf, (bool, int, str)):
+            return f"a Python {type(leaf).__name__} ({leaf!r:.40})"
+        if callable(leaf):
+            return f"a function or callable ({type(leaf).__name__}), not an array"
+        return f"a {type(leaf).__name__}, not an array"
+    if jnp.issubdtype(dtype, jnp.floating):
+        return None
+    article = "an" if str(dtype).startswith("int") else "a"
+    return f"{article} {dtype} array"
+
+
+def framework_of(x: Any) -> str | None:
+    """The framework whose ``Module`` ``x`` is: read from the class's module name,
+    so that neither Flax nor Equinox need be imported."""
+    for cls in type(x).__mro__:
+        if cls.__name__ == "Module":
+            for framework in ADAPTERS:
+                if cls.__module__.startswith(framework + "."):
+                    return framework
+    return None
+
+
+def _enclosing_equinox_module(params: Any, path: tuple[Any, ...]) -> Any:
+    """The outermost Equinox module holding the leaf at ``path``, or ``None``."""
+    outer, _ = jax.tree_util.tree_flatten_with_path(
+        params, is_leaf=lambda x: framework_of(x) == "equinox"
+    )
+    for prefix, node in outer:
+        if framework_of(node) == "equinox" and path[: len(prefix)] == prefix:
+            return node
+    return None
+
+
 def is_scalar(x: Any) -> bool:
     """Whether ``x`` is a Python number or a 0-d array (not a pytree of rates)."""
     return isinstance(x, numbers.Real) or (hasattr(x, "shape") and x.shape == ())

@@ -23,6 +23,15 @@ def test_import_loads_neither_orbax_nor_matplotlib():
     assert _python(code) == "False False"
 
 
+def test_import_loads_neither_equinox_nor_flax_nnx():
+    # Equinox is an optional extra; both are imported by their adapters only.
+    code = (
+        "import maml_jax, sys; "
+        "print('equinox' in sys.modules, 'flax.nnx' in sys.modules)"
+    )
+    assert _python(code) == "False False"
+
+
 def test_checkpoint_names_are_still_public():
     from maml_jax import checkpoint
 
