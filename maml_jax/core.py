@@ -398,6 +398,7 @@ def meta_value_and_grad(
       ``has_aux``.
     """
     num_tasks = _validation.check_task_batch(tasks, "meta_value_and_grad")
+    _validation.check_params(meta_params, "meta_value_and_grad: meta_params")
     if batching not in TASK_BATCHING:
         raise ValueError(f"batching must be one of {TASK_BATCHING}; got {batching!r}.")
     if batching == "auto":

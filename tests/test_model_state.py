@@ -390,3 +390,15 @@ def test_protonet_threads_state_through_support_and_query():
     assert logits.shape == (ways * shots, ways)
     with pytest.raises(ValueError, match="has_state=True"):
         learner.meta_loss(theta, task)
+
+
+def test_non_float_params_name_their_key_path_at_init_and_in_meta_value_and_grad():
+    theta, _, tasks = setup()
+    learner = maml_jax.maml(_plain_loss, inner_lr=ALPHA, num_inner_steps=K)
+    bad = {**theta, "b2": jnp.zeros(1, jnp.int32)}
+    with pytest.raises(TypeError, match=r"params\['b2'\]"):
+        learner.init(bad)
+    with pytest.raises(TypeError, match=r"params\['b2'\]"):
+        core.meta_value_and_grad(learner, bad, tasks)
+    with pytest.raises(TypeError, match=r"params\['b2'\]"):
+        maml_jax.protonet(lambda p, x: x, ways=2).init(bad)

@@ -198,7 +198,13 @@ def gradient_learner(
             **stateful,
         )
 
-    return MetaLearner(init, adapt, meta_loss, adaptation_curve, has_state=has_state)
+    def checked_init(params: Params) -> MetaParams:
+        _validation.check_params(params, "init")
+        return init(params)
+
+    return MetaLearner(
+        checked_init, adapt, meta_loss, adaptation_curve, has_state=has_state
+    )
 
 
 def check_flag(name: str, value: Any) -> bool:

@@ -159,6 +159,7 @@ def imaml(
         return solves[num_steps](theta, support)
 
     def init(params: Params) -> Params:
+        _validation.check_params(params, "init")
         _validation.check_lr_matches_params("inner_lr", inner_lr, params)
         return params
 

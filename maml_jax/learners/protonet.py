@@ -258,6 +258,7 @@ def protonet(
         return metrics, state
 
     def init(params: Params) -> Params:
+        _validation.check_params(params, "init")
         return params
 
     def adapt(
