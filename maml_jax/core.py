@@ -60,6 +60,7 @@ def inner_loop(
     state: ModelState = None,
     has_state: bool = False,
     training: bool = True,
+    pass_inner_step: bool = False,
 ) -> tuple[Params, InnerTrace]:
     """Runs ``num_steps`` of an optax optimizer on the support loss (``lax.scan``).
 
@@ -85,13 +86,16 @@ def inner_loop(
         extra forward/backward per step for memory that no longer holds every
         step's activations.
       has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
-      observe: optional ``φ -> pytree`` (``(φ, s) -> pytree`` with model
-        state) evaluated after every step (MAML++'s per-step query losses,
-        adaptation curves).
+      observe: optional ``φ -> pytree`` (``(φ, s, k) -> pytree`` with model
+        state, ``k`` the steps taken) evaluated after every step (MAML++'s
+        per-step query losses, adaptation curves).
       state: the model state ``s_0`` when ``has_state=True``; each support pass
         returns the next, ``s_{k+1}``, which is not differentiated.
       has_state: whether ``loss_fn`` is a ``StatefulLossFn``.
       training: passed to a stateful ``loss_fn`` (static).
+      pass_inner_step: also pass ``step=k`` (a traced int) to a stateful
+        ``loss_fn`` at inner step ``k``: for per-step batch-norm statistics and
+        weights (MAML++'s BNRS / BNWB, ``Conv4(per_step_norm=...)``).
 
     Returns:
       ``(φ_K, trace)``; see ``InnerTrace``.
@@ -107,7 +111,10 @@ def inner_loop(
     """
     num_steps = _validation.check_positive_int("num_steps", num_steps)
 
-    def support_loss(p, s):
+    if pass_inner_step and not has_state:
+        raise ValueError("pass_inner_step needs a stateful loss (has_state=True).")
+
+    def support_loss(p, s, k):
         loss, _, s = call_loss(
             loss_fn,
             p,
@@ -116,12 +123,13 @@ def inner_loop(
             state=s,
             has_state=has_state,
             training=training,
+            step=k if pass_inner_step else None,
         )
         return loss, s
 
-    def step(carry, _):
+    def step(carry, k):
         p, opt_state, s = carry
-        (loss, s), grads = jax.value_and_grad(support_loss, has_aux=True)(p, s)
+        (loss, s), grads = jax.value_and_grad(support_loss, has_aux=True)(p, s, k)
         if first_order:
             grads = jax.lax.stop_gradient(grads)
         updates, opt_state = optimizer.update(grads, opt_state, p)
@@ -129,13 +137,15 @@ def inner_loop(
         if observe is None:
             observed = None
         else:
-            observed = observe(p, s) if has_state else observe(p)
+            observed = observe(p, s, k + 1) if has_state else observe(p)
         return (p, opt_state, s), (loss, observed)
 
     if remat:
         step = jax.checkpoint(step)
+    # Stateless loops scan over nothing, so their programs carry no counter.
+    ks = jnp.arange(num_steps) if has_state else None
     (params, _, state), (losses, observed) = jax.lax.scan(
-        step, (params, optimizer.init(params), state), None, length=num_steps
+        step, (params, optimizer.init(params), state), ks, length=num_steps
     )
     return params, InnerTrace(losses, observed, state)
 
@@ -150,6 +160,7 @@ def adaptation_curve(
     has_aux: bool = False,
     state: ModelState = None,
     has_state: bool = False,
+    pass_inner_step: bool = False,
 ) -> Aux:
     """Support and query metrics after ``0, 1, ..., num_steps`` inner steps.
 
@@ -173,9 +184,10 @@ def adaptation_curve(
         training=False,
     )
 
-    def metrics(p, _state=None):
-        s_loss, _, _ = evaluate(p, task.support)
-        q_loss, q_aux, _ = evaluate(p, task.query)
+    def metrics(p, _state=None, k=0):
+        step = k if pass_inner_step else None
+        s_loss, _, _ = evaluate(p, task.support, step=step)
+        q_loss, q_aux, _ = evaluate(p, task.query, step=step)
         return {
             "support_loss": s_loss,
             "query_loss": q_loss,
@@ -193,6 +205,7 @@ def adaptation_curve(
         state=state,
         has_state=has_state,
         training=False,
+        pass_inner_step=pass_inner_step,
     )
     return jax.tree.map(
         lambda first, rest: jnp.concatenate([first[None], rest]),
@@ -222,17 +235,20 @@ def call_loss(
     state: ModelState = None,
     has_state: bool = False,
     training: bool = True,
+    step: Any = None,
 ) -> tuple[jax.Array, Aux, ModelState]:
     """Calls a plain or stateful ``loss_fn`` and returns ``(loss, aux, new_state)``.
 
     A plain ``loss_fn(params, batch)`` leaves ``state`` as it is; a stateful one
     is called as ``loss_fn(params, state, batch, training=training)`` and its
-    new state is returned under ``stop_gradient``.
+    new state is returned under ``stop_gradient``. ``step`` (the inner step,
+    when not ``None``) is passed on as ``step=step``.
     """
     if not has_state:
         loss, aux = loss_and_aux(loss_fn, params, batch, has_aux=has_aux)
         return loss, aux, state
-    out = loss_fn(params, state, batch, training=training)
+    kwargs = {} if step is None else {"step": step}
+    out = loss_fn(params, state, batch, training=training, **kwargs)
     where = "loss_fn(params, state, batch, training=...)"
     if not (isinstance(out, tuple) and len(out) == 2):
         raise TypeError(
@@ -257,6 +273,7 @@ def task_metrics(
     query_post: tuple[jax.Array, Aux] | None = None,
     state: ModelState = None,
     has_state: bool = False,
+    post_step: Any = None,
 ) -> Aux:
     """Per-task diagnostics before and after adaptation (no gradient flows).
 
@@ -268,6 +285,8 @@ def task_metrics(
         second forward pass.
       state, has_state: the model state the task started from, for a stateful
         ``loss_fn`` (called in training mode; its new state is discarded).
+      post_step: for a loss that takes the inner step (``pass_inner_step``),
+        the step count after adaptation; before it, ``0`` is passed.
 
     Returns:
       ``support_loss_pre/post``, ``query_loss_pre/post`` and
@@ -278,11 +297,12 @@ def task_metrics(
     evaluate = functools.partial(
         call_loss, loss_fn, has_aux=has_aux, state=state, has_state=has_state
     )
-    q_pre, q_aux_pre, _ = evaluate(before, task.query)
+    pre_step = None if post_step is None else 0
+    q_pre, q_aux_pre, _ = evaluate(before, task.query, step=pre_step)
     if query_post is None:
-        query_post = evaluate(after, task.query)[:2]
+        query_post = evaluate(after, task.query, step=post_step)[:2]
     q_post, q_aux_post = jax.lax.stop_gradient(query_post)
-    s_post, _, _ = evaluate(after, task.support)
+    s_post, _, _ = evaluate(after, task.support, step=post_step)
     aux = {
         "support_loss_pre": jax.lax.stop_gradient(support_loss_pre),
         "support_loss_post": s_post,

@@ -114,27 +114,41 @@ def classification_loss(
         inputs, labels = _unpack(batch)
         return loss_and_accuracy(_apply(apply_fn, params, inputs), labels)
 
-    def stateful_loss_fn(params: Params, state: Any, batch: Batch, *, training: bool):
+    def stateful_loss_fn(
+        params: Params, state: Any, batch: Batch, *, training: bool, step: Any = None
+    ):
         inputs, labels = _unpack(batch)
-        logits, state = apply_with_state(apply_fn, params, state, inputs, training)
+        logits, state = apply_with_state(
+            apply_fn, params, state, inputs, training, step=step
+        )
         return loss_and_accuracy(logits, labels), state
 
     return stateful_loss_fn if stateful else loss_fn
 
 
 def apply_with_state(
-    apply_fn: ApplyFn, params: Params, state: Any, inputs: Any, training: bool
+    apply_fn: ApplyFn,
+    params: Params,
+    state: Any,
+    inputs: Any,
+    training: bool,
+    *,
+    step: Any = None,
 ) -> tuple[Any, Any]:
     """``apply_fn`` of a Linen model with mutable collections: ``(outputs, state)``.
 
     ``state`` holds the non-``params`` collections (``{"batch_stats": ...}``).
     In training they are mutable and come back updated; in inference
-    (``train=False``) they are read and returned unchanged.
+    (``train=False``) they are read and returned unchanged. ``step`` (the inner
+    step, for ``Conv4(per_step_norm=...)``) is passed on when not ``None``.
     """
     variables = {"params": params, **state}
+    kwargs = {} if step is None else {"step": step}
     if not training:
-        return apply_fn(variables, inputs, train=False), state
-    outputs, updates = apply_fn(variables, inputs, train=True, mutable=list(state))
+        return apply_fn(variables, inputs, train=False, **kwargs), state
+    outputs, updates = apply_fn(
+        variables, inputs, train=True, mutable=list(state), **kwargs
+    )
     return outputs, {**state, **updates}
 
 
@@ -203,6 +217,13 @@ class Conv4(nn.Module):
       eps: added to the variance in the normalisation.
       momentum: the running averages' decay with ``norm="running"`` (0.9: the
         0.1 of PyTorch's convention, as in MAML++).
+      per_step_norm: ``S > 0`` gives every block ``S`` sets of running
+        statistics and of norm scale/offset, one per inner step (MAML++'s BNRS
+        and BNWB; ``S = K + 1`` for ``K`` inner steps): ``__call__``'s ``step``
+        picks set ``min(step, S − 1)`` (``None``: the last, the adapted
+        model's). Needs ``norm="running"``; pair it with
+        ``maml_plus_plus(..., has_state=True, per_step_norm=True)``, which
+        passes the inner step to the loss.
       param_dtype: dtype of the parameters (float32, also under ``jax_enable_x64``).
       dtype: compute dtype of the convolutions and the head (e.g. ``jnp.bfloat16``
         for mixed precision: parameters stay ``param_dtype``, normalisation
@@ -228,15 +249,20 @@ class Conv4(nn.Module):
     conv_impl: str = "auto"
     eps: float = 1e-5
     momentum: float = 0.9
+    per_step_norm: int = 0
     param_dtype: Any = jnp.float32
     dtype: Any = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = True, step: Any = None) -> jax.Array:
         self._check(x)
         conv_impl = ops.resolve_conv_impl(self.conv_impl)
+        slot = None
+        if self.per_step_norm:
+            last = self.per_step_norm - 1
+            slot = last if step is None else jnp.minimum(step, last)
         for block in range(4):
-            x = self._conv_and_norm(x, block, conv_impl, train)
+            x = self._conv_and_norm(x, block, conv_impl, train, slot)
             x = nn.relu(x)
             if self.downsample == "maxpool":  # "stride": the convolution strided
                 x = ops.max_pool_2x2(x)
@@ -261,9 +287,14 @@ class Conv4(nn.Module):
             raise ValueError(f"norm must be one of {NORMS}; got {self.norm!r}.")
         if self.downsample not in ("stride", "maxpool"):
             raise ValueError("downsample must be 'stride' or 'maxpool'.")
+        if self.per_step_norm and self.norm != "running":
+            raise ValueError(
+                "per_step_norm keeps per-step running statistics: it needs "
+                "norm='running'."
+            )
 
     def _conv_and_norm(
-        self, x: jax.Array, block: int, conv_impl: str, train: bool
+        self, x: jax.Array, block: int, conv_impl: str, train: bool, slot: Any
     ) -> jax.Array:
         """A block's 3×3 convolution (stride 2 when it downsamples) and its
         normalisation."""
@@ -291,7 +322,7 @@ class Conv4(nn.Module):
             )
         x = ops.conv2d(x, kernel, stride=stride, impl=conv_impl)
         x = x.astype(jnp.promote_types(x.dtype, jnp.float32)) + _channels(bias)
-        return self._normalize(x, block, train)
+        return self._normalize(x, block, train, slot)
 
     def _normalizes_patches(
         self, conv_impl: str, kernel_shape: tuple[int, ...]
@@ -305,53 +336,69 @@ class Conv4(nn.Module):
             and kh * kw * c_in <= _PATCH_NORM_MAX_COLUMNS
         )
 
-    def _norm_params(self, block: int) -> tuple[jax.Array | None, jax.Array]:
-        """The block's normalisation ``(scale or None, offset)``, ``(filters,)``."""
+    def _norm_params(
+        self, block: int, slot: Any = None
+    ) -> tuple[jax.Array | None, jax.Array]:
+        """The block's normalisation ``(scale or None, offset)``, ``(filters,)``
+        (with ``per_step_norm``, the row ``slot`` of ``(S, filters)`` ones)."""
+        shape = (self.filters,)
+        if self.per_step_norm:
+            shape = (self.per_step_norm, self.filters)
+        pick = (lambda v: v) if slot is None else (lambda v: v[slot])
         scale = None
         if self.norm_scale:
-            scale = self.param(
-                f"norm{block}_scale",
-                nn.initializers.ones,
-                (self.filters,),
-                self.param_dtype,
+            scale = pick(
+                self.param(
+                    f"norm{block}_scale", nn.initializers.ones, shape, self.param_dtype
+                )
             )
-        offset = self.param(
-            f"norm{block}_offset",
-            nn.initializers.zeros,
-            (self.filters,),
-            self.param_dtype,
+        offset = pick(
+            self.param(
+                f"norm{block}_offset", nn.initializers.zeros, shape, self.param_dtype
+            )
         )
         return scale, offset
 
-    def _normalize(self, x: jax.Array, block: int, train: bool) -> jax.Array:
+    def _normalize(self, x: jax.Array, block: int, train: bool, slot: Any) -> jax.Array:
         if self.norm == "none":
             return x
         if self.norm == "running":
-            x = self._running_standardize(x, block, train)
+            x = self._running_standardize(x, block, train, slot)
         else:
             axes = (0, 1, 2) if self.norm == "transductive" else (1, 2, 3)
             x = ops.standardize(x, axes, self.eps)
-        scale, offset = self._norm_params(block)
+        scale, offset = self._norm_params(block, slot)
         if scale is not None:
             x = x * _channels(scale)
         return x + _channels(offset)
 
 
-    def _running_standardize(self, x: jax.Array, block: int, train: bool) -> jax.Array:
-        """Batch norm's standardisation with running averages (``norm="running"``)."""
+    def _running_standardize(
+        self, x: jax.Array, block: int, train: bool, slot: Any
+    ) -> jax.Array:
+        """Batch norm's standardisation with running averages (``norm="running"``;
+        with ``per_step_norm``, the averages of row ``slot``)."""
         shape, dtype = (self.filters,), jnp.float32
+        if self.per_step_norm:
+            shape = (self.per_step_norm, self.filters)
         mean = self.variable("batch_stats", f"norm{block}_mean", jnp.zeros, shape, dtype)
         var = self.variable("batch_stats", f"norm{block}_var", jnp.ones, shape, dtype)
+        get = (lambda v: v.value) if slot is None else (lambda v: v.value[slot])
         if not train:
-            return (x - _channels(mean.value)) * jax.lax.rsqrt(
-                _channels(var.value) + self.eps
+            return (x - _channels(get(mean))) * jax.lax.rsqrt(
+                _channels(get(var)) + self.eps
             )
         if not self.is_initializing():
             # Like flax.linen.BatchNorm: init leaves the averages at (0, 1).
             batch = jax.lax.stop_gradient(x)
             m = self.momentum
-            mean.value = m * mean.value + (1 - m) * batch.mean((0, 1, 2))
-            var.value = m * var.value + (1 - m) * batch.var((0, 1, 2))
+            new_mean = m * get(mean) + (1 - m) * batch.mean((0, 1, 2))
+            new_var = m * get(var) + (1 - m) * batch.var((0, 1, 2))
+            if slot is None:
+                mean.value, var.value = new_mean, new_var
+            else:
+                mean.value = mean.value.at[slot].set(new_mean)
+                var.value = var.value.at[slot].set(new_var)
         return ops.standardize(x, (0, 1, 2), self.eps)
 
 

@@ -402,3 +402,62 @@ def test_non_float_params_name_their_key_path_at_init_and_in_meta_value_and_grad
         core.meta_value_and_grad(learner, bad, tasks)
     with pytest.raises(TypeError, match=r"params\['b2'\]"):
         maml_jax.protonet(lambda p, x: x, ways=2).init(bad)
+
+
+def _per_step_setup(k=2):
+    model = maml_jax.Conv4(
+        num_classes=3, filters=4, norm="running", per_step_norm=k + 1, conv_impl="lax"
+    )
+    key = jax.random.key(5)
+    x = jax.random.normal(key, (2, 6, 12, 12, 1), jnp.float32)
+    labels = jnp.tile(jnp.arange(3), 2)
+    tasks = maml_jax.Task(
+        support=(x, jnp.stack([labels, labels])),
+        query=(x[:, ::-1] * 0.7, jnp.stack([labels, labels])),
+    )
+    variables = model.init(jax.random.key(6), x[0])
+    params = variables.pop("params")
+    return model, params, dict(variables), tasks
+
+
+def test_per_step_norm_threads_one_set_of_statistics_per_inner_step():
+    k, alpha = 2, 0.1
+    model, params, state, tasks = _per_step_setup(k)
+    loss_fn = maml_jax.classification_loss(model.apply, stateful=True)
+    learner = maml_jax.maml_plus_plus(
+        loss_fn,
+        inner_lr=alpha,
+        num_inner_steps=k,
+        learn_inner_lr=False,
+        multi_step_loss=False,
+        has_aux=True,
+        has_state=True,
+        per_step_norm=True,
+    )
+    task = one_task(tasks)
+    loss, (_, new_state) = learner.meta_loss(params, task, state=state)
+
+    phi, s = params, state
+    for step in range(k):
+        grads, s = jax.grad(
+            lambda p: (lambda out: (out[0][0], out[1]))(
+                loss_fn(p, s, task.support, training=True, step=step)
+            ),
+            has_aux=True,
+        )(phi)
+        phi = jax.tree.map(lambda p, g: p - alpha * g, phi, grads)
+    (ref_loss, _), ref_state = loss_fn(phi, s, task.query, training=True, step=k)
+    chex.assert_trees_all_close(loss, ref_loss, rtol=1e-5)
+    chex.assert_trees_all_close(new_state, ref_state, rtol=1e-5, atol=1e-7)
+    # Every step's slot moved, each by its own pass.
+    means = new_state["batch_stats"]["norm0_mean"]
+    assert means.shape == (k + 1, 4)
+    assert all(not np.allclose(means[i], 0.0) for i in range(k + 1))
+    assert params["norm0_offset"].shape == (k + 1, 4)
+
+    # Evaluation: inference mode, the curve's point after j steps uses slot j.
+    curve = learner.adaptation_curve(params, task, k, state=new_state)
+    (pre, _), _ = loss_fn(params, new_state, task.query, training=False, step=0)
+    np.testing.assert_allclose(curve["query_loss"][0], pre, rtol=1e-5)
+    with pytest.raises(ValueError, match="has_state=True"):
+        maml_jax.maml_plus_plus(loss_fn, inner_lr=0.1, num_inner_steps=1, per_step_norm=True)

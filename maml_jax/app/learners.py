@@ -53,11 +53,21 @@ def _make_learner(config: FewShotConfig, model, loss_fn):
     )
     if stateful:
         kwargs["has_state"] = True
+        if name == "maml_plus_plus":  # BNRS + BNWB, as in MAML++
+            kwargs["per_step_norm"] = True
     if name == "anil":  # only the linear head adapts
         kwargs["adapt_mask"] = lambda p: {k: k == "head" for k in p}
     if name == "maml_plus_plus":
         kwargs["msl_anneal_steps"] = max(config.steps // 4, 1)
     return maml_jax.make_learner(name, loss_fn, **kwargs)
+
+
+def _per_step_norm(config: FewShotConfig) -> int:
+    """MAML++ with running statistics keeps one set per inner step (BNRS/BNWB):
+    ``K + 1``, the query pass after the last step included."""
+    if config.algorithm == "maml_plus_plus" and config.norm == "running":
+        return config.inner_steps + 1
+    return 0
 
 
 def build_learner(config: FewShotConfig, image_shape):
@@ -72,6 +82,7 @@ def build_learner(config: FewShotConfig, image_shape):
         norm=config.norm,
         conv_impl=config.conv_impl or "auto",
         dtype=None if config.precision == "float32" else jnp.bfloat16,
+        per_step_norm=_per_step_norm(config),
     )
     # Jitted: one compile instead of op-by-op dispatch (the same values).
     variables = jax.jit(model.init)(

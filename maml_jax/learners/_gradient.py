@@ -48,6 +48,7 @@ def gradient_learner(
     remat: bool,
     has_aux: bool,
     has_state: bool = False,
+    pass_inner_step: bool = False,
     objective: Objective | None = None,
     observe_query: bool = False,
 ) -> MetaLearner:
@@ -57,7 +58,9 @@ def gradient_learner(
       init: ``params -> meta_params``.
       inner_problem: ``meta_params -> InnerProblem``.
       num_inner_steps: the trained number of inner steps ``K``.
-      first_order, remat, has_aux, has_state: as in ``core.inner_loop``.
+      first_order, remat, has_aux, has_state, pass_inner_step: as in
+        ``core.inner_loop``; with ``pass_inner_step`` the query pass after
+        ``k`` steps gets ``step=k``.
       objective: replaces the meta-loss ``L_Q(φ_K)`` (MAML++'s multi-step loss,
         Reptile's surrogate); called with the meta-parameters, the adapted
         part, the inner trace, ``L_Q(φ_K)`` and the outer step.
@@ -96,7 +99,7 @@ def gradient_learner(
         problem = inner_problem(meta_params)
         observe = None
         if query is not None:
-            observe = lambda p, s=state: core.call_loss(
+            observe = lambda p, s=state, k=None: core.call_loss(
                 problem.loss_fn,
                 p,
                 query,
@@ -104,6 +107,7 @@ def gradient_learner(
                 state=s,
                 has_state=has_state,
                 training=training,
+                step=k if pass_inner_step else None,
             )
         phi, trace = core.inner_loop(
             problem.loss_fn,
@@ -118,6 +122,7 @@ def gradient_learner(
             state=state,
             has_state=has_state,
             training=training,
+            pass_inner_step=pass_inner_step,
         )
         return problem, phi, trace
 
@@ -165,6 +170,7 @@ def gradient_learner(
                 has_aux=has_aux,
                 state=trace.state,
                 has_state=has_state,
+                step=num_inner_steps if pass_inner_step else None,
             )
         aux = core.task_metrics(
             problem.loss_fn,
@@ -174,6 +180,7 @@ def gradient_learner(
             trace.support_loss[0],
             has_aux=has_aux,
             query_post=tuple(query_post),
+            post_step=num_inner_steps if pass_inner_step else None,
             **stateful,
         )
         loss = query_post[0]
@@ -195,6 +202,7 @@ def gradient_learner(
             optimizer=problem.optimizer,
             num_steps=num_steps,
             has_aux=has_aux,
+            pass_inner_step=pass_inner_step,
             **stateful,
         )
 

@@ -72,6 +72,7 @@ def maml_plus_plus(
     remat: bool = False,
     has_aux: bool = False,
     has_state: bool = False,
+    per_step_norm: bool = False,
 ) -> MetaLearner:
     r"""MAML++ (Antoniou, Edwards & Storkey, 2019), each technique switchable.
 
@@ -91,9 +92,14 @@ def maml_plus_plus(
       compiled functions, not a traced condition.
     * **Cosine annealing** of the outer learning rate: use
       ``optax.cosine_decay_schedule`` in the outer optimizer.
-    * Batch norm: ``maml_jax.Conv4`` normalises with the current batch's
-      statistics and keeps no running averages, so per-step running statistics
-      do not arise; per-step batch-norm weights are not implemented.
+    * **Per-step batch norm** (``per_step_norm``; BNRS and BNWB): the stateful
+      loss also receives the inner step, ``loss_fn(params, state, batch, *,
+      training, step)``: ``step=k`` for the support pass of step ``k`` and for
+      the query pass after ``k`` steps, so the model keeps one set of running
+      statistics and of norm weights per step
+      (``Conv4(norm="running", per_step_norm=K + 1)``; the weights are
+      meta-parameters with a leading step axis). Evaluation passes the step
+      too; steps past the trained ones reuse the model's last set.
 
     Args:
       loss_fn: ``loss_fn(params, batch) -> loss`` (or ``(loss, aux)``).
@@ -110,6 +116,8 @@ def maml_plus_plus(
       has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
       has_state: whether ``loss_fn`` carries model state: a ``StatefulLossFn``
         ``loss_fn(params, state, batch, *, training) -> (loss, new_state)``.
+      per_step_norm: pass the inner step to the stateful loss (see above);
+        needs ``has_state=True``.
 
     References:
       Antoniou, Edwards & Storkey, "How to train your MAML", ICLR 2019.
@@ -125,6 +133,11 @@ def maml_plus_plus(
     else:
         fixed_optimizer = update_rules.inner_optimizer(inner_lr, inner_optimizer)
     k = _validation.check_positive_int("num_inner_steps", num_inner_steps)
+    if per_step_norm and not has_state:
+        raise ValueError(
+            "per_step_norm gives the model one set of running statistics per inner "
+            "step: it needs a stateful loss (has_state=True)."
+        )
     msl_anneal_steps = _validation.check_positive_int(
         "msl_anneal_steps", msl_anneal_steps
     )
@@ -165,6 +178,7 @@ def maml_plus_plus(
         remat=check_flag("remat", remat),
         has_aux=has_aux,
         has_state=has_state,
+        pass_inner_step=check_flag("per_step_norm", per_step_norm),
         objective=multi_step if multi_step_loss else None,
         observe_query=multi_step_loss,
     )
