@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
-import optax
 
 import maml_jax
 from maml_jax import MetaLearner, models
+from maml_jax.app import protocol
 
 if TYPE_CHECKING:
     from maml_jax.app.presets import FewShotConfig
@@ -59,6 +59,7 @@ def _make_learner(config: FewShotConfig, model, loss_fn):
         kwargs["adapt_mask"] = lambda p: {k: k == "head" for k in p}
     if name == "maml_plus_plus":
         kwargs["msl_anneal_steps"] = max(config.steps // 4, 1)
+    kwargs = protocol.learner_kwargs(config, kwargs)  # a preset's own protocol
     return maml_jax.make_learner(name, loss_fn, **kwargs)
 
 
@@ -77,8 +78,8 @@ def build_learner(config: FewShotConfig, image_shape):
     model = models.Conv4(
         num_classes=None if config.algorithm == "protonet" else config.ways,
         filters=config.filters or (64 if omniglot else 32),
-        downsample="stride" if omniglot else "maxpool",
-        head="mean" if omniglot else "flatten",
+        downsample=config.downsample or ("stride" if omniglot else "maxpool"),
+        head=config.head or ("mean" if omniglot else "flatten"),
         norm=config.norm,
         conv_impl=config.conv_impl or "auto",
         dtype=None if config.precision == "float32" else jnp.bfloat16,
@@ -91,12 +92,12 @@ def build_learner(config: FewShotConfig, image_shape):
     params = variables.pop("params")
     model_state = variables or None
     loss_fn = models.classification_loss(
-        model.apply, loss_scale=config.ways, stateful=model_state is not None
+        model.apply,
+        loss_scale=config.loss_scale or config.ways,
+        stateful=model_state is not None,
     )
     learner = _make_learner(config, model, loss_fn)
-    tx = optax.adam(config.outer_lr)
-    if config.grad_clip:
-        tx = optax.chain(optax.clip(config.grad_clip), tx)
+    tx = protocol.outer_optimizer(config)
     return model, params, learner, tx, model_state
 
 

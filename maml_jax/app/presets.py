@@ -15,6 +15,10 @@ train / 172 validation / 423 test characters, each rotated by 0/90/180/270° as
 four classes): training on ``vinyals-train``, validation on ``vinyals-val``,
 test on ``vinyals-test``. (The original code trains on 1100 characters from an
 unpinned shuffle; we use the published split so numbers are comparable.)
+
+Every other learner's own protocol (``reptile-omniglot-5w1s``,
+``protonet-omniglot-5w1s``, ...) is in ``maml_jax.app.family_presets``, each value
+with its source; ``maml-omniglot-5w1s`` etc. are aliases of the MAML presets here.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import numpy as np
 
 import maml_jax
 from maml_jax import core, episodes, models, ops
-from maml_jax.app import options
+from maml_jax.app import family_presets, options, protocol
 from maml_jax.app.learners import ALGORITHMS
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -97,6 +101,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
 }
 
+# The MAML paper's protocols under the learner-prefixed names of the family.
+PRESETS.update({f"maml-{name}": PRESETS[name] for name in list(PRESETS)})
+PRESETS.update(family_presets.PRESETS)
+
 SPLITS = {
     "omniglot": {
         "train": "vinyals-train",
@@ -156,6 +164,29 @@ class FewShotConfig:
     # The dataset folder, absolute, recorded by `train`: the default of `eval` and
     # `train --resume` (None in runs written before it was recorded).
     data_dir: str | None = None
+    # A learner's own protocol (family_presets); the defaults are the MAML
+    # paper's, and runs written before these fields existed hold them.
+    # Training episodes where they differ from evaluation's (None: the same):
+    # ProtoNets trains 60-way with 5 queries, Reptile on 10 shots.
+    train_ways: int | None = None
+    train_shots: int | None = None
+    train_queries: int | None = None
+    loss_scale: float | None = None  # None: ways (the MAML code's sum over K)
+    downsample: str | None = None  # None: "stride" Omniglot, "maxpool" mini-ImageNet
+    head: str | None = None  # None: "mean" Omniglot, "flatten" mini-ImageNet
+    inner_optimizer: str = "sgd"  # or "adam": optax.adam(inner_lr, b1=inner_b1)
+    inner_b1: float = 0.9
+    outer_optimizer: str = "adam"  # or "sgd"
+    outer_schedule: str = "constant"  # see protocol.OUTER_SCHEDULES
+    outer_lr_final: float = 0.0
+    outer_decay_every: int | None = None
+    # The cosine/linear schedule's length, fixed when the run starts (None: steps),
+    # so that lengthening a run on --resume does not bend its schedule.
+    schedule_steps: int | None = None
+    msl_anneal_steps: int | None = None  # MAML++; None: steps // 4
+    reg_lambda: float | None = None  # iMAML; None: 2.0
+    cg_steps: int | None = None  # iMAML; None: 5
+    cg_damping: float | None = None  # iMAML; None: 0.0
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> FewShotConfig:
@@ -301,6 +332,7 @@ class FewShotConfig:
                 "--norm running needs a learner that carries model state; imaml "
                 "does not yet. Use --norm transductive with imaml."
             )
+        protocol.validate(self)
         if memory:
             self.check_episodes_memory("--val-episodes", self.val_episodes)
 
@@ -318,8 +350,32 @@ class FewShotConfig:
 
     @property
     def spec(self) -> episodes.EpisodeSpec:
+        """The validation and test episodes."""
         return episodes.EpisodeSpec(
             self.ways, self.shots, self.queries, rotations=self.dataset == "omniglot"
+        )
+
+    @property
+    def train_spec(self) -> episodes.EpisodeSpec:
+        """The training episodes (``train_*`` where set, else as ``spec``)."""
+        return self.spec._replace(
+            ways=self.train_ways or self.ways,
+            shots=self.train_shots or self.shots,
+            queries=self.train_queries or self.queries,
+        )
+
+    def for_training(self) -> FewShotConfig:
+        """This configuration with the training episodes' ways, shots and queries
+        (what the training learner is built for)."""
+        spec = self.train_spec
+        if (spec.ways, spec.shots, spec.queries) == (
+            self.ways,
+            self.shots,
+            self.queries,
+        ):
+            return self
+        return dataclasses.replace(
+            self, ways=spec.ways, shots=spec.shots, queries=spec.queries
         )
 
     def resolved(self, *, shard: bool = False) -> FewShotConfig:
@@ -334,14 +390,28 @@ class FewShotConfig:
             batching = "scan" if cpu and not shard else "vmap"
         chunk = self.chunk_size
         if chunk is None and batching != "vmap":
-            examples = self.ways * (self.shots + self.queries)
+            spec = self.train_spec
+            examples = spec.ways * (spec.shots + spec.queries)
             chunk = core.cpu_chunk_size(self.meta_batch, examples)
+        schedule_steps = self.schedule_steps
+        if schedule_steps is None and self.outer_schedule in ("cosine", "linear"):
+            schedule_steps = max(self.steps, 1)
         return dataclasses.replace(
             self,
             conv_impl=ops.resolve_conv_impl(self.conv_impl or "auto"),
             batching=batching,
             chunk_size=chunk,
+            schedule_steps=schedule_steps,
         )
+
+
+# Their defaults: a checkpoint's config leaves a field out while it holds its
+# default, so runs written before these fields existed still resume.
+PROTOCOL_DEFAULTS = {
+    f.name: f.default
+    for f in dataclasses.fields(FewShotConfig)
+    if f.name in protocol.FIELDS
+}
 
 
 def _has_type(value: Any, annotation: str) -> bool:

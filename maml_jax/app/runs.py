@@ -36,7 +36,12 @@ import maml_jax
 from maml_jax import episodes, sharding
 from maml_jax.app import options, run_lock
 from maml_jax.app.learners import build_learner
-from maml_jax.app.presets import ON_NONFINITE, SPLITS, FewShotConfig
+from maml_jax.app.presets import (
+    ON_NONFINITE,
+    PROTOCOL_DEFAULTS,
+    SPLITS,
+    FewShotConfig,
+)
 from maml_jax.checkpoint import Checkpointer
 
 TEST_KEY = 20170306  # fixed: the same test episodes for every run and seed
@@ -110,9 +115,11 @@ def load_classes(config: FewShotConfig, data_dir, split: str) -> np.ndarray:
 _sample_episodes = jax.jit(episodes.sample_episodes, static_argnums=(2, 3))
 
 
-def _check_episodes_fit(config: FewShotConfig, data: np.ndarray, split: str) -> None:
+def _check_episodes_fit(
+    config: FewShotConfig, data: np.ndarray, split: str, spec=None
+) -> None:
     try:
-        episodes.check_episode_spec(config.spec, data.shape)
+        episodes.check_episode_spec(spec or config.spec, data.shape)
     except ValueError as error:
         raise ValueError(f"{config.dataset} {split} split: {error}") from None
 
@@ -245,12 +252,17 @@ def _train_locked(
     primary = sharding.is_primary()
     train_data = load_classes(config, data_dir, "train")
     val_data = load_classes(config, data_dir, "val")
-    _check_episodes_fit(config, train_data, "train")
+    _check_episodes_fit(config, train_data, "train", config.train_spec)
     _check_episodes_fit(config, val_data, "val")
 
+    # The training learner is built for the training episodes (ProtoNets trains
+    # 60-way and tests 5-way); validation uses one built for the test episodes.
     model, params, learner, tx, model_state = build_learner(
-        config, train_data.shape[2:]
+        config.for_training(), train_data.shape[2:]
     )
+    eval_learner = learner
+    if config.for_training() is not config:
+        eval_learner = build_learner(config, train_data.shape[2:])[2]
     state = maml_jax.MetaTrainState.create(
         params=params,
         learner=learner,
@@ -282,7 +294,7 @@ def _train_locked(
         config.spec,
         config.val_episodes,
     )
-    spec, meta_batch = config.spec, config.meta_batch
+    spec, meta_batch = config.train_spec, config.meta_batch
     sampler = lambda key: episodes.sample_episodes(key, train_data, spec, meta_batch)
     if mesh is not None:
         state = sharding.replicate(state, mesh)
@@ -290,7 +302,7 @@ def _train_locked(
 
     def eval_fn(state):
         curves = maml_jax.evaluate(
-            learner,
+            eval_learner,
             state.meta_params,
             val_tasks,
             num_steps=config.test_inner_steps,
@@ -460,6 +472,11 @@ def _config_dict(config: FewShotConfig) -> dict:
     ``steps_per_call`` must not reach this dict.
     """
     fields = dataclasses.asdict(config)
+    # A protocol field at its default is left out: checkpoints written before it
+    # existed do not hold it.
+    for name, default in PROTOCOL_DEFAULTS.items():
+        if fields[name] == default:
+            fields.pop(name)
     # Free: the run length, what and how often is logged, the non-finite
     # policy (it does not change the state's structure) and where the data is.
     for free in (
