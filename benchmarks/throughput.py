@@ -81,8 +81,14 @@ def build(
     first_order: bool,
     precision: str = "float32",
     omniglot_classes: np.ndarray | None = None,
+    conv_impl: str = "auto",
+    meta_batch: int | None = None,
+    filters: int | None = None,
 ):
     """Returns (state, sampler, meta_batch) for one benchmark configuration.
+
+    ``conv_impl``: Conv4's convolution (``ops.conv2d``); ``meta_batch``, ``filters``:
+    tasks per step and Conv4's width instead of the workload's (smoke runs).
 
     ``precision="bfloat16"``: Conv4 computes in bfloat16 (float32 parameters,
     normalisation and sums; ``Conv4(dtype=jnp.bfloat16)``).
@@ -93,6 +99,8 @@ def build(
     if precision not in ("float32", "bfloat16"):
         raise ValueError(f"precision must be float32 or bfloat16; got {precision!r}.")
     w = WORKLOADS[workload]
+    if meta_batch is not None:
+        w = {**w, "meta_batch": meta_batch}
     if w["kind"] == "sinusoid":
         model = maml_jax.MLP((40, 40))
         params = model.init(jax.random.key(0), jnp.zeros((1, 1)))["params"]
@@ -106,10 +114,10 @@ def build(
         shape = (28, 28, 1) if omniglot else (84, 84, 3)
         model = models.Conv4(
             num_classes=w["ways"],
-            filters=64 if omniglot else 32,
+            filters=filters or (64 if omniglot else 32),
             downsample=w.get("downsample", "stride" if omniglot else "maxpool"),
             head="mean" if omniglot else "flatten",
-            conv_impl="auto",
+            conv_impl=conv_impl,
             dtype=jnp.bfloat16 if precision == "bfloat16" else None,
         )
         params = model.init(jax.random.key(0), jnp.zeros((2, *shape)))["params"]

@@ -113,3 +113,44 @@ def test_memory_smoke(tmp_path):
     probe = lambda n: 100.0 + 10.0 * n
     found = memory.search_largest(list(curve), 305.0, probe, max_probes=10)
     assert found["steps"] == 20 and found["probes"] >= 1
+
+
+@pytest.mark.slow
+def test_accelerator_check_smoke(omniglot_dir, dataset_cache, tmp_path):
+    import os
+
+    out = tmp_path / "check.json"
+    env = {**os.environ, "PYTHON": sys.executable}
+    env["PEER_WHEELS"] = str(tmp_path / "no-wheels")  # never install here
+    done = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "accelerator_check.sh"), "--smoke"]
+        + ["--out", str(out), "--omniglot-dir", str(omniglot_dir)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert set(result) == {
+        "smoke",
+        "backend",
+        "device",
+        "versions",
+        "throughput",
+        "training",
+        "notes",
+        "total_s",
+    }
+    assert result["smoke"] is True and result["versions"]["jax"]
+    for workload in ("omniglot-5w1s-q15-maxpool", "sinusoid"):
+        rows = result["throughput"][workload]
+        ours = rows["maml_jax"]
+        assert ours["tasks_per_s"] > 0 and ours["compile_s"] > 0, ours
+        assert ours["formulation"]["conv_impl"] == "lax"
+        assert ours["formulation"]["batching"] == "vmap"
+        for peer in ("learn2learn", "higher"):  # measured, or skipped with a note
+            assert rows[peer].get("tasks_per_s", 0) > 0 or "skipped" in rows[peer]
+    training = result["training"]
+    assert training["trained_steps"] == 2 and training["test_episodes"] == 10
+    assert 0.0 <= training["test_accuracy"] <= 1.0

@@ -12,7 +12,10 @@ With ``--steps-per-call K`` each timed call runs ``K`` meta-steps in one
 ``lax.scan`` (as ``fit`` does, so dispatch is paid once per call) and the times are
 per meta-step; the row's ``impl`` is then ``maml_jax-scan``. ``--precision
 bfloat16`` computes the convolutions in bfloat16 (``Conv4(dtype=jnp.bfloat16)``;
-``impl`` gets ``-bf16``).
+``impl`` gets ``-bf16``). ``--conv-impl`` and ``--batching`` fix the formulation
+instead of the library's default (``auto``); ``--meta-batch`` and ``--filters``
+shrink the workload (smoke runs). ``peak_device_mb`` is the device's peak memory in use
+(``memory_stats``; absent on CPU).
 
 Command: ``python -m benchmarks.peers.run_ours --workload sinusoid``; one JSON line.
 """
@@ -42,11 +45,24 @@ def measure(
     steps: int,
     steps_per_call: int = 1,
     precision: str = "float32",
+    conv_impl: str = "auto",
+    batching: str = "auto",
+    meta_batch: int | None = None,
+    filters: int | None = None,
 ) -> dict:
     """Builds, compiles and times our step; returns the JSON row."""
     state, sampler, meta_batch = throughput.build(
-        workload, "maml", inner_steps, first_order, precision
+        workload,
+        "maml",
+        inner_steps,
+        first_order,
+        precision,
+        conv_impl=conv_impl,
+        meta_batch=meta_batch,
+        filters=filters,
     )
+    if batching != "auto":
+        state = state.replace(batching=batching, chunk_size=None)
     compile_s, times, temp_mb = time_sampled_step(state, sampler, steps, steps_per_call)
     median = float(np.median(times))
     batching, chunk = state.batching, state.chunk_size
@@ -71,9 +87,11 @@ def measure(
         "temp_mb": temp_mb,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "threads": os.cpu_count(),
+        "peak_device_mb": _peak_device_mb(),
         "formulation": {
             "batching": batching,
             "chunk_size": chunk,
+            "conv_impl": conv_impl,
             "backend": jax.default_backend(),
         },
         "versions": {
@@ -86,6 +104,13 @@ def measure(
     }
 
 
+def _peak_device_mb() -> float | None:
+    """The device's peak memory in use so far (MiB), where the backend reports it."""
+    stats = jax.devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return None if peak is None else peak / 2**20
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workload", required=True, choices=WORKLOADS)
@@ -94,6 +119,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--steps-per-call", type=int, default=1)
     p.add_argument("--precision", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--conv-impl", choices=("auto", "lax", "im2col"), default="auto")
+    p.add_argument("--batching", choices=("auto", "vmap"), default="auto")
+    p.add_argument("--meta-batch", type=int, help="default: the workload's")
+    p.add_argument("--filters", type=int, help="Conv4 width; default: the workload's")
     args = p.parse_args(argv)
     row = measure(
         args.workload,
@@ -102,6 +131,10 @@ def main(argv: list[str] | None = None) -> dict:
         args.steps,
         args.steps_per_call,
         args.precision,
+        args.conv_impl,
+        args.batching,
+        args.meta_batch,
+        args.filters,
     )
     print(json.dumps(row), flush=True)
     return row

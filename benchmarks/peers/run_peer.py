@@ -20,7 +20,9 @@ through the exported meta-batches; torch's default thread count unless
 slow down many-fold when the cores are oversubscribed). ``--precision bfloat16``
 runs the meta-gradient under ``torch.autocast("cpu", dtype=torch.bfloat16)``
 (PyTorch's mixed precision: convolutions and matmuls in bfloat16, parameters and
-the Adam step in float32); ``impl`` gets ``-bf16``.
+the Adam step in float32); ``impl`` gets ``-bf16``. ``--device cuda`` runs on the
+GPU (the timed step ends with ``torch.cuda.synchronize``; ``peak_device_mb`` is
+``torch.cuda.max_memory_allocated``).
 
 Command: ``python -m benchmarks.peers.run_peer --impl learn2learn --workload
 sinusoid``.
@@ -184,6 +186,7 @@ def make_meta_grad(
     inner_steps: int,
     first_order: bool,
     dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
 ) -> tuple[MetaGrad, nn.Module]:
     """A fresh model with the exported weights and ``impl``'s meta-gradient on it.
 
@@ -193,7 +196,7 @@ def make_meta_grad(
     """
     model = torch_models.build_model(
         exported.params, exported.ways if exported.kind != "sinusoid" else None
-    ).to(dtype)
+    ).to(device=device, dtype=dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # gym's and learn2learn's import notices
         return IMPLS[impl](
@@ -209,21 +212,29 @@ def measure(
     steps: int,
     warmup: int,
     precision: str = "float32",
+    device: str = "cpu",
 ) -> dict:
     """Times ``steps`` meta-train steps after ``warmup``; returns the JSON row."""
     exported = load_export(workload)
-    batches = to_torch(exported)
-    meta_grad, learning = make_meta_grad(impl, exported, inner_steps, first_order)
+    batches = [tuple(t.to(device) for t in b) for b in to_torch(exported)]
+    meta_grad, learning = make_meta_grad(
+        impl, exported, inner_steps, first_order, device=device
+    )
     opt = torch.optim.Adam(learning.parameters(), lr=1e-3)
     bf16 = precision == "bfloat16"
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
     for i in range(warmup + steps):
         batch = batches[i % len(batches)]
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=bf16):
             losses.append(meta_grad(batch))
         opt.step()
+        if cuda:
+            torch.cuda.synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     if not np.all(np.isfinite(losses)):
@@ -245,6 +256,8 @@ def measure(
         "step_s_p90": float(np.percentile(times, 90)),
         "tasks_per_s": exported.meta_batch / median,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_device_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
         "threads": torch.get_num_threads(),
         "versions": {
             "python": platform.python_version(),
@@ -284,6 +297,7 @@ def main(argv: list[str] | None = None) -> dict:
         default="float32",
         help="bfloat16: the meta-gradient under torch.autocast('cpu', bfloat16)",
     )
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -295,6 +309,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.steps,
         args.warmup,
         args.precision,
+        args.device,
     )
     print(json.dumps(row), flush=True)
     return row

@@ -7,6 +7,8 @@
 * ``maml-jax eval --run runs/NAME`` — test accuracy ± 95% CI (on the data folder
   the run recorded, unless ``--data-dir`` is given).
 * ``maml-jax sinusoid [options]`` — the MAML paper's sinusoid regression.
+* ``maml-jax reproduce --omniglot-dir DIR --out DIR`` — the papers' few-shot
+  tables, one resumable run folder per row (``maml_jax.app.reproduce``).
 
 Errors in what the user gave (a bad option, a missing or unreadable file, a size
 that cannot fit in memory) print one line and exit with status 2 (``--debug``
@@ -28,7 +30,7 @@ from pathlib import Path
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 128 + 2  # SIGINT
 
-COMMANDS = ("train", "eval", "sinusoid")
+COMMANDS = ("train", "eval", "sinusoid", "reproduce")
 # What bad input, files and sizes raise. Anything else, and a RuntimeError that
 # is neither a corrupt checkpoint nor XLA running out of memory, is a bug and
 # shows its traceback.
@@ -323,16 +325,21 @@ def _main(argv: list[str], prog: str) -> int:
 
         sinusoid.main(argv[1:])
         return 0
+    if argv and argv[0] == "reproduce":
+        return _run_reproduce(argv[1:], prog)
     parser = options.ArgumentParser(prog="maml-jax", description=__doc__.split("\n")[0])
     parser.add_argument(
         "--debug", action="store_true", help="show the full traceback on errors"
     )
     sub = parser.add_subparsers(
-        dest="command", required=True, metavar="{train,eval,sinusoid}"
+        dest="command", required=True, metavar="{train,eval,sinusoid,reproduce}"
     )
     _train_parser(sub)
     _eval_parser(sub)
     sub.add_parser("sinusoid", help="sinusoid regression (maml-jax sinusoid --help)")
+    sub.add_parser(
+        "reproduce", help="the papers' tables, resumable (maml-jax reproduce --help)"
+    )
     args = parser.parse_args(argv)
     from maml_jax.app.runs import TrainingInterrupted
 
@@ -340,6 +347,21 @@ def _main(argv: list[str], prog: str) -> int:
         {"train": _run_train, "eval": _run_eval}[args.command](args)
     except TrainingInterrupted as stopped:
         print(f"{prog}: {stopped}", file=sys.stderr)
+        return 128 + stopped.signum
+    return 0
+
+
+def _run_reproduce(argv: list[str], prog: str) -> int:
+    from maml_jax.app import reproduce
+    from maml_jax.app.runs import TrainingInterrupted
+
+    try:
+        reproduce.main(argv)
+    except TrainingInterrupted as stopped:
+        print(
+            f"{prog}: {stopped} Or run the same reproduce command again.",
+            file=sys.stderr,
+        )
         return 128 + stopped.signum
     return 0
 
