@@ -281,7 +281,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         help="folder with mini-ImageNet's files (mini-imagenet-cache-<split>.pkl, "
         "or images/ and <split>.csv); its rows are skipped without it",
     )
-    p.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
+    p.add_argument(
+        "--rows",
+        nargs="+",
+        choices=list(ROWS),
+        default=list(ROWS),
+        metavar="ROW",
+        help=f"rows to run (default all): {', '.join(ROWS)}",
+    )
     p.add_argument(
         "--budget",
         type=float,
