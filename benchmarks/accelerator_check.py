@@ -233,8 +233,10 @@ def training(args, env: dict, seconds: float, notes: list[str]) -> dict:
 def _versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
-    names = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "maml_jax")
-    found = {"python": platform.python_version()}
+    import maml_jax  # imports jax without starting a backend (no device memory)
+
+    names = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint")
+    found = {"python": platform.python_version(), "maml_jax": maml_jax.__version__}
     for name in (*names, "torch", "learn2learn", "higher"):
         try:
             found[name] = version(name)

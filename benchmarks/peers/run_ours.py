@@ -98,7 +98,7 @@ def measure(
             "python": platform.python_version(),
             "jax": jax.__version__,
             "jaxlib": version("jaxlib"),
-            "maml_jax": version("maml_jax"),
+            "maml_jax": maml_jax.__version__,  # also when run from a checkout
         },
         "times_s": [float(t) for t in times],
     }
