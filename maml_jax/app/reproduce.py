@@ -44,8 +44,8 @@ class Row(NamedTuple):
     paper_source: str
 
 
-_MAML_T1 = "Finn et al. 2017, Table 1 (as cited in issue 19)"
-_MAML_T2 = "Finn et al. 2017, Table 2 (as cited in issue 19)"
+_MAML_T1 = "Finn et al. 2017, Table 1, Omniglot (as cited in issue 19)"
+_MAML_T2 = "Finn et al. 2017, Table 1, MiniImagenet (as cited in issue 19)"
 ROWS: dict[str, Row] = {
     "maml-omniglot-5w1s": Row("maml-omniglot-5w1s", "98.7 ± 0.4", _MAML_T1),
     "maml-omniglot-5w5s": Row("maml-omniglot-5w5s", "99.9 ± 0.1", _MAML_T1),
@@ -56,13 +56,13 @@ ROWS: dict[str, Row] = {
     "fomaml-omniglot-5w1s": Row(
         "fomaml-omniglot-5w1s",
         "98.3 ± 0.5",
-        "as cited in Nichol et al. 2018, Table 2 (1st-order MAML + transduction); "
-        "not checked against the paper here",
+        "as cited in Nichol et al. 2018, Omniglot table (1st-order MAML + "
+        "transduction); not checked against the paper here",
     ),
     "reptile-omniglot-5w1s": Row(
         "reptile-omniglot-5w1s",
         "97.68 ± 0.04",
-        "Nichol et al. 2018, Table 2, transductive (95.39 ± 0.09 without); "
+        "Nichol et al. 2018, Omniglot table, transductive (95.39 ± 0.09 without); "
         "as cited in issue 19",
     ),
     "protonet-omniglot-5w1s": Row(
@@ -71,24 +71,24 @@ ROWS: dict[str, Row] = {
     "meta-sgd-omniglot-5w1s": Row(
         "meta-sgd-omniglot-5w1s",
         "99.53 ± 0.26",
-        "Li et al. 2017, Table 1 (as cited in issue 19)",
+        "Li et al. 2017, Omniglot table (as cited in issue 19)",
     ),
     "maml-plus-plus-omniglot-5w1s": Row(
         "maml-plus-plus-omniglot-5w1s",
         "99.47",
-        "Antoniou et al. 2019, Table 2 (as cited in issue 19)",
+        "Antoniou et al. 2019, Omniglot table (as cited in issue 19)",
     ),
     "imaml-omniglot-5w1s": Row(
         "imaml-omniglot-5w1s",
         "99.16 ± 0.35",
-        "Rajeswaran et al. 2019, Table 2, iMAML with a gradient-descent inner "
+        "Rajeswaran et al. 2019, Omniglot table, iMAML with a gradient-descent inner "
         "solver, as ours (99.50 ± 0.26 with their Hessian-free solver); from "
         "the paper as recalled, not checked here",
     ),
     "anil-omniglot-20w1s": Row(
         "anil-omniglot-20w1s",
         "96.2 ± 0.5",
-        "Raghu et al. 2020, Table 2 (20-way 1-shot; ANIL reports no 5-way "
+        "Raghu et al. 2020, 20-way 1-shot Omniglot (ANIL reports no 5-way "
         "Omniglot); as recalled, not checked here",
     ),
 }
