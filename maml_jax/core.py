@@ -17,7 +17,6 @@ import optax
 
 from maml_jax import _validation
 from maml_jax.types import (
-    ApplyFn,
     Aux,
     Batch,
     LossFn,
@@ -562,6 +561,8 @@ def predict(
             "pass, to run the adapted parameters of a gradient-based learner."
         )
     if not learner.has_state:
-        return apply_fn(learner.adapt(meta_params, support, num_steps=num_steps), inputs)
+        return apply_fn(
+            learner.adapt(meta_params, support, num_steps=num_steps), inputs
+        )
     params, state = learner.adapt(meta_params, support, num_steps=num_steps, **kwargs)
     return apply_fn(params, state, inputs)

@@ -85,7 +85,7 @@ def reference_meta_loss(theta, state, task, *, num_steps=K, training=True):
     phi, s = theta, state
     for _ in range(num_steps):
         grads, s_next = jax.grad(
-            lambda p: stateful_loss(p, s, task.support, training=training),
+            lambda p, s=s: stateful_loss(p, s, task.support, training=training),
             has_aux=True,
         )(phi)
         phi = jax.tree.map(lambda p, g: p - ALPHA * g, phi, grads)
@@ -215,7 +215,9 @@ def test_stateful_form_of_a_stateless_loss_equals_the_stateless_learner(name, kw
         stateful, mp, tasks, state=dummy, batching="vmap"
     )
     chex.assert_trees_all_equal(new_state, dummy)
-    chex.assert_trees_all_close((loss, aux, grads), (s_loss, s_aux, s_grads), rtol=1e-12)
+    chex.assert_trees_all_close(
+        (loss, aux, grads), (s_loss, s_aux, s_grads), rtol=1e-12
+    )
 
 
 def test_adapt_and_predict_use_inference_mode():
@@ -325,7 +327,10 @@ def test_missing_or_unexpected_state_is_a_clear_error():
 
 def test_a_loss_that_changes_the_state_structure_is_a_clear_error():
     theta, state, tasks = setup()
-    bad = lambda p, s, b, *, training: (stateful_loss(p, s, b, training=training)[0], {})
+    bad = lambda p, s, b, *, training: (
+        stateful_loss(p, s, b, training=training)[0],
+        {},
+    )
     learner = maml_jax.maml(bad, inner_lr=ALPHA, num_inner_steps=K, has_state=True)
     with pytest.raises(TypeError, match="structure differs"):
         learner.meta_loss(theta, one_task(tasks), state=state)
@@ -370,7 +375,8 @@ def test_protonet_threads_state_through_support_and_query():
     x = jax.random.normal(jax.random.key(3), (2, ways * shots, 1), jnp.float64)
     labels = jnp.tile(jnp.arange(ways), shots)
     tasks = maml_jax.Task(
-        support=(x, jnp.stack([labels, labels])), query=(x * 1.1, jnp.stack([labels] * 2))
+        support=(x, jnp.stack([labels, labels])),
+        query=(x * 1.1, jnp.stack([labels] * 2)),
     )
     learner = maml_jax.protonet(_embed, ways=ways, has_state=True)
     task = one_task(tasks)
@@ -440,7 +446,7 @@ def test_per_step_norm_threads_one_set_of_statistics_per_inner_step():
     phi, s = params, state
     for step in range(k):
         grads, s = jax.grad(
-            lambda p: (lambda out: (out[0][0], out[1]))(
+            lambda p, s=s, step=step: (lambda out: (out[0][0], out[1]))(
                 loss_fn(p, s, task.support, training=True, step=step)
             ),
             has_aux=True,
@@ -460,4 +466,6 @@ def test_per_step_norm_threads_one_set_of_statistics_per_inner_step():
     (pre, _), _ = loss_fn(params, new_state, task.query, training=False, step=0)
     np.testing.assert_allclose(curve["query_loss"][0], pre, rtol=1e-5)
     with pytest.raises(ValueError, match="has_state=True"):
-        maml_jax.maml_plus_plus(loss_fn, inner_lr=0.1, num_inner_steps=1, per_step_norm=True)
+        maml_jax.maml_plus_plus(
+            loss_fn, inner_lr=0.1, num_inner_steps=1, per_step_norm=True
+        )

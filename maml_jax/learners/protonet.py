@@ -240,11 +240,19 @@ def protonet(
         q_inputs, q_labels = _unpack(task.query, f"{where}: task.query")
         _check_support_matches_query(s_inputs, q_inputs, where)
         s_emb, state = embed(
-            params, state, s_inputs, s_labels.shape[0], f"{where}: task.support",
+            params,
+            state,
+            s_inputs,
+            s_labels.shape[0],
+            f"{where}: task.support",
             training,
         )
         q_emb, state = embed(
-            params, state, q_inputs, q_labels.shape[0], f"{where}: task.query",
+            params,
+            state,
+            q_inputs,
+            q_labels.shape[0],
+            f"{where}: task.query",
             training,
         )
         prototypes = class_prototypes(s_emb, s_labels, ways)
