@@ -80,8 +80,14 @@ def one_task(tasks, i=0):
     return jax.tree.map(lambda x: x[i], tasks)
 
 
-def reference_meta_loss(theta, state, task, *, num_steps=K, training=True):
-    """Hand-unrolled second-order MAML with the state threaded by hand."""
+def reference_meta_loss(
+    theta, state, task, *, num_steps=K, training=True, query_training=None
+):
+    """Hand-unrolled second-order MAML with the state threaded by hand.
+
+    ``query_training=False`` evaluates the query set in inference mode at the
+    given ``state`` (the evaluation protocol).
+    """
     phi, s = theta, state
     for _ in range(num_steps):
         grads, s_next = jax.grad(
@@ -90,7 +96,10 @@ def reference_meta_loss(theta, state, task, *, num_steps=K, training=True):
         )(phi)
         phi = jax.tree.map(lambda p, g: p - ALPHA * g, phi, grads)
         s = jax.lax.stop_gradient(s_next)
-    loss, s = stateful_loss(phi, s, task.query, training=training)
+    if query_training is False:
+        s = state
+    query_training = training if query_training is None else query_training
+    loss, s = stateful_loss(phi, s, task.query, training=query_training)
     return loss, (phi, s)
 
 
@@ -220,20 +229,22 @@ def test_stateful_form_of_a_stateless_loss_equals_the_stateless_learner(name, kw
     )
 
 
-def test_adapt_and_predict_use_inference_mode():
+def test_adapt_runs_support_passes_as_in_training_and_predict_in_inference_mode():
     theta, state, tasks = setup()
     task = one_task(tasks)
     state = {"mean": jnp.full(8, 0.3), "var": jnp.full(8, 2.0)}
     learner = maml_jax.maml(
         stateful_loss, inner_lr=ALPHA, num_inner_steps=K, has_state=True
     )
-    params, same_state = learner.adapt(theta, task.support, state=state)
-    _, (ref_params, _) = reference_meta_loss(theta, state, task, training=False)
-    chex.assert_trees_all_close(params, ref_params, rtol=1e-12)
-    chex.assert_trees_all_equal(same_state, state)
-    # training=True updates the state as the support passes do.
-    _, moved = learner.adapt(theta, task.support, state=state, training=True)
+    params, moved = learner.adapt(theta, task.support, state=state)
+    _, (ref_params, _) = reference_meta_loss(theta, state, task)
+    chex.assert_trees_all_close(params, ref_params, rtol=1e-12, atol=1e-14)
     assert not np.allclose(moved["mean"], state["mean"])
+    # training=False: inference mode throughout, the state unchanged.
+    params, same = learner.adapt(theta, task.support, state=state, training=False)
+    _, (ref_params_inf, _) = reference_meta_loss(theta, state, task, training=False)
+    chex.assert_trees_all_close(params, ref_params_inf, rtol=1e-12, atol=1e-14)
+    chex.assert_trees_all_equal(same, state)
     apply_fn = lambda p, s, x: forward(p, s, x, False)[0]
     out = maml_jax.predict(
         learner, theta, task.support, task.query[0], apply_fn=apply_fn, state=state
@@ -241,7 +252,7 @@ def test_adapt_and_predict_use_inference_mode():
     chex.assert_trees_all_close(out, apply_fn(ref_params, state, task.query[0]))
 
 
-def test_evaluate_runs_inference_mode_with_the_running_averages():
+def test_evaluate_adapts_on_support_statistics_and_scores_queries_in_inference():
     theta, _, tasks = setup()
     state = {"mean": jnp.full(8, 0.3), "var": jnp.full(8, 2.0)}
     learner = maml_jax.maml(
@@ -254,7 +265,7 @@ def test_evaluate_runs_inference_mode_with_the_running_averages():
     curves = maml_jax.evaluate(learner, theta, tasks, num_steps=K, state=state)
     for i in range(4):
         task = one_task(tasks, i)
-        ref_loss, _ = reference_meta_loss(theta, state, task, training=False)
+        ref_loss, _ = reference_meta_loss(theta, state, task, query_training=False)
         np.testing.assert_allclose(curves["query_loss"][i, -1], ref_loss, rtol=1e-12)
         pre = stateful_loss(theta, state, task.query, training=False)[0]
         np.testing.assert_allclose(curves["query_loss"][i, 0], pre, rtol=1e-12)
