@@ -17,7 +17,6 @@ import optax
 
 from maml_jax import _validation
 from maml_jax.types import (
-    ApplyFn,
     Aux,
     Batch,
     LossFn,
@@ -165,8 +164,12 @@ def adaptation_curve(
     """Support and query metrics after ``0, 1, ..., num_steps`` inner steps.
 
     The same ``inner_loop`` as training, observing the metrics after each step.
-    Used for evaluation: nothing here is meant to be differentiated. A stateful
-    loss runs in inference mode (``training=False``) at ``state`` throughout.
+    Used for evaluation: nothing here is meant to be differentiated. With a
+    stateful loss the support passes run as in meta-training (``training=True``:
+    the support set's batch statistics, as the inner loop was meta-trained to
+    descend) and the query set is evaluated in inference mode at ``state`` (the
+    running averages), so each query prediction depends on that example and
+    the support set only. The state is not updated.
 
     Returns:
       A dict of arrays of shape ``(num_steps + 1,)``: ``support_loss``,
@@ -186,7 +189,7 @@ def adaptation_curve(
 
     def metrics(p, _state=None, k=0):
         step = k if pass_inner_step else None
-        s_loss, _, _ = evaluate(p, task.support, step=step)
+        s_loss, _, _ = evaluate(p, task.support, step=step, training=True)
         q_loss, q_aux, _ = evaluate(p, task.query, step=step)
         return {
             "support_loss": s_loss,
@@ -204,7 +207,7 @@ def adaptation_curve(
         observe=metrics,
         state=state,
         has_state=has_state,
-        training=False,
+        training=True,
         pass_inner_step=pass_inner_step,
     )
     return jax.tree.map(
@@ -535,10 +538,10 @@ def predict(
     Gradient-based learners adapt (``learner.adapt``, ``num_steps`` inner
     steps, default the trained number) and run the model:
     ``apply_fn(adapted_params, inputs)``, or for a learner with model state
-    ``apply_fn(adapted_params, state, inputs)`` with adaptation and prediction
-    in inference mode. Learners with a classifier of their own (ProtoNets:
-    negative distances to the support's class prototypes) use it, and
-    ``apply_fn`` is not needed.
+    ``apply_fn(adapted_params, state, inputs)``: adapted on the support set as
+    in meta-training, predicting in inference mode with ``state``. Learners
+    with a classifier of their own (ProtoNets: negative distances to the
+    support's class prototypes) use it, and ``apply_fn`` is not needed.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -562,6 +565,8 @@ def predict(
             "pass, to run the adapted parameters of a gradient-based learner."
         )
     if not learner.has_state:
-        return apply_fn(learner.adapt(meta_params, support, num_steps=num_steps), inputs)
-    params, state = learner.adapt(meta_params, support, num_steps=num_steps, **kwargs)
+        return apply_fn(
+            learner.adapt(meta_params, support, num_steps=num_steps), inputs
+        )
+    params, _ = learner.adapt(meta_params, support, num_steps=num_steps, **kwargs)
     return apply_fn(params, state, inputs)

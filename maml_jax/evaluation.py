@@ -31,7 +31,8 @@ def evaluate(
       num_steps: inner steps at test time (the curve covers ``0..num_steps``).
       batch_size: tasks evaluated at once (bounds memory); default all.
       state: the model state (e.g. ``train_state.model_state``) of a learner
-        built with ``has_state=True``; the model runs in inference mode (e.g.
+        built with ``has_state=True``; the support passes run as in meta-training
+        (batch statistics) and the query set in inference mode (e.g.
         BatchNorm with its running averages) on support and query sets.
 
     Returns:

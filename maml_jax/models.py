@@ -372,7 +372,6 @@ class Conv4(nn.Module):
             x = x * _channels(scale)
         return x + _channels(offset)
 
-
     def _running_standardize(
         self, x: jax.Array, block: int, train: bool, slot: Any
     ) -> jax.Array:
@@ -381,7 +380,9 @@ class Conv4(nn.Module):
         shape, dtype = (self.filters,), jnp.float32
         if self.per_step_norm:
             shape = (self.per_step_norm, self.filters)
-        mean = self.variable("batch_stats", f"norm{block}_mean", jnp.zeros, shape, dtype)
+        mean = self.variable(
+            "batch_stats", f"norm{block}_mean", jnp.zeros, shape, dtype
+        )
         var = self.variable("batch_stats", f"norm{block}_var", jnp.ones, shape, dtype)
         get = (lambda v: v.value) if slot is None else (lambda v: v.value[slot])
         if not train:

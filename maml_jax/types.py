@@ -73,8 +73,9 @@ class AdaptFn(Protocol):
 
     Returns the adapted model parameters (the structure given to ``init``) of one
     task; ``num_steps=None`` runs the learner's trained number of inner steps.
-    A learner with model state takes ``state=`` (and ``training=False``) and
-    returns ``(params, new_state)``.
+    A learner with model state takes ``state=`` (and ``training``: the support
+    passes' mode, default ``True`` as in meta-training) and returns
+    ``(params, new_state)``.
     """
 
     def __call__(
@@ -99,7 +100,8 @@ class MetaLossFn(Protocol):
 class CurveFn(Protocol):
     """``adaptation_curve(meta_params, task, num_steps) -> aux`` (leaves ``(K+1,)``).
 
-    A learner with model state takes ``state=`` and runs in inference mode.
+    A learner with model state takes ``state=``: support passes as in
+    meta-training, the query set in inference mode.
     """
 
     def __call__(self, meta_params: MetaParams, task: Task, num_steps: int) -> Aux: ...

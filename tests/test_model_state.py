@@ -80,17 +80,26 @@ def one_task(tasks, i=0):
     return jax.tree.map(lambda x: x[i], tasks)
 
 
-def reference_meta_loss(theta, state, task, *, num_steps=K, training=True):
-    """Hand-unrolled second-order MAML with the state threaded by hand."""
+def reference_meta_loss(
+    theta, state, task, *, num_steps=K, training=True, query_training=None
+):
+    """Hand-unrolled second-order MAML with the state threaded by hand.
+
+    ``query_training=False`` evaluates the query set in inference mode at the
+    given ``state`` (the evaluation protocol).
+    """
     phi, s = theta, state
     for _ in range(num_steps):
         grads, s_next = jax.grad(
-            lambda p: stateful_loss(p, s, task.support, training=training),
+            lambda p, s=s: stateful_loss(p, s, task.support, training=training),
             has_aux=True,
         )(phi)
         phi = jax.tree.map(lambda p, g: p - ALPHA * g, phi, grads)
         s = jax.lax.stop_gradient(s_next)
-    loss, s = stateful_loss(phi, s, task.query, training=training)
+    if query_training is False:
+        s = state
+    query_training = training if query_training is None else query_training
+    loss, s = stateful_loss(phi, s, task.query, training=query_training)
     return loss, (phi, s)
 
 
@@ -215,23 +224,27 @@ def test_stateful_form_of_a_stateless_loss_equals_the_stateless_learner(name, kw
         stateful, mp, tasks, state=dummy, batching="vmap"
     )
     chex.assert_trees_all_equal(new_state, dummy)
-    chex.assert_trees_all_close((loss, aux, grads), (s_loss, s_aux, s_grads), rtol=1e-12)
+    chex.assert_trees_all_close(
+        (loss, aux, grads), (s_loss, s_aux, s_grads), rtol=1e-12
+    )
 
 
-def test_adapt_and_predict_use_inference_mode():
+def test_adapt_runs_support_passes_as_in_training_and_predict_in_inference_mode():
     theta, state, tasks = setup()
     task = one_task(tasks)
     state = {"mean": jnp.full(8, 0.3), "var": jnp.full(8, 2.0)}
     learner = maml_jax.maml(
         stateful_loss, inner_lr=ALPHA, num_inner_steps=K, has_state=True
     )
-    params, same_state = learner.adapt(theta, task.support, state=state)
-    _, (ref_params, _) = reference_meta_loss(theta, state, task, training=False)
-    chex.assert_trees_all_close(params, ref_params, rtol=1e-12)
-    chex.assert_trees_all_equal(same_state, state)
-    # training=True updates the state as the support passes do.
-    _, moved = learner.adapt(theta, task.support, state=state, training=True)
+    params, moved = learner.adapt(theta, task.support, state=state)
+    _, (ref_params, _) = reference_meta_loss(theta, state, task)
+    chex.assert_trees_all_close(params, ref_params, rtol=1e-12, atol=1e-14)
     assert not np.allclose(moved["mean"], state["mean"])
+    # training=False: inference mode throughout, the state unchanged.
+    params, same = learner.adapt(theta, task.support, state=state, training=False)
+    _, (ref_params_inf, _) = reference_meta_loss(theta, state, task, training=False)
+    chex.assert_trees_all_close(params, ref_params_inf, rtol=1e-12, atol=1e-14)
+    chex.assert_trees_all_equal(same, state)
     apply_fn = lambda p, s, x: forward(p, s, x, False)[0]
     out = maml_jax.predict(
         learner, theta, task.support, task.query[0], apply_fn=apply_fn, state=state
@@ -239,7 +252,7 @@ def test_adapt_and_predict_use_inference_mode():
     chex.assert_trees_all_close(out, apply_fn(ref_params, state, task.query[0]))
 
 
-def test_evaluate_runs_inference_mode_with_the_running_averages():
+def test_evaluate_adapts_on_support_statistics_and_scores_queries_in_inference():
     theta, _, tasks = setup()
     state = {"mean": jnp.full(8, 0.3), "var": jnp.full(8, 2.0)}
     learner = maml_jax.maml(
@@ -252,7 +265,7 @@ def test_evaluate_runs_inference_mode_with_the_running_averages():
     curves = maml_jax.evaluate(learner, theta, tasks, num_steps=K, state=state)
     for i in range(4):
         task = one_task(tasks, i)
-        ref_loss, _ = reference_meta_loss(theta, state, task, training=False)
+        ref_loss, _ = reference_meta_loss(theta, state, task, query_training=False)
         np.testing.assert_allclose(curves["query_loss"][i, -1], ref_loss, rtol=1e-12)
         pre = stateful_loss(theta, state, task.query, training=False)[0]
         np.testing.assert_allclose(curves["query_loss"][i, 0], pre, rtol=1e-12)
@@ -325,7 +338,10 @@ def test_missing_or_unexpected_state_is_a_clear_error():
 
 def test_a_loss_that_changes_the_state_structure_is_a_clear_error():
     theta, state, tasks = setup()
-    bad = lambda p, s, b, *, training: (stateful_loss(p, s, b, training=training)[0], {})
+    bad = lambda p, s, b, *, training: (
+        stateful_loss(p, s, b, training=training)[0],
+        {},
+    )
     learner = maml_jax.maml(bad, inner_lr=ALPHA, num_inner_steps=K, has_state=True)
     with pytest.raises(TypeError, match="structure differs"):
         learner.meta_loss(theta, one_task(tasks), state=state)
@@ -370,7 +386,8 @@ def test_protonet_threads_state_through_support_and_query():
     x = jax.random.normal(jax.random.key(3), (2, ways * shots, 1), jnp.float64)
     labels = jnp.tile(jnp.arange(ways), shots)
     tasks = maml_jax.Task(
-        support=(x, jnp.stack([labels, labels])), query=(x * 1.1, jnp.stack([labels] * 2))
+        support=(x, jnp.stack([labels, labels])),
+        query=(x * 1.1, jnp.stack([labels] * 2)),
     )
     learner = maml_jax.protonet(_embed, ways=ways, has_state=True)
     task = one_task(tasks)
@@ -440,7 +457,7 @@ def test_per_step_norm_threads_one_set_of_statistics_per_inner_step():
     phi, s = params, state
     for step in range(k):
         grads, s = jax.grad(
-            lambda p: (lambda out: (out[0][0], out[1]))(
+            lambda p, s=s, step=step: (lambda out: (out[0][0], out[1]))(
                 loss_fn(p, s, task.support, training=True, step=step)
             ),
             has_aux=True,
@@ -460,4 +477,6 @@ def test_per_step_norm_threads_one_set_of_statistics_per_inner_step():
     (pre, _), _ = loss_fn(params, new_state, task.query, training=False, step=0)
     np.testing.assert_allclose(curve["query_loss"][0], pre, rtol=1e-5)
     with pytest.raises(ValueError, match="has_state=True"):
-        maml_jax.maml_plus_plus(loss_fn, inner_lr=0.1, num_inner_steps=1, per_step_norm=True)
+        maml_jax.maml_plus_plus(
+            loss_fn, inner_lr=0.1, num_inner_steps=1, per_step_norm=True
+        )

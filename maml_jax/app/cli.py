@@ -119,9 +119,10 @@ def _train_parser(sub) -> None:
     p.add_argument("--algorithm", choices=ALGORITHMS)
     p.add_argument(
         "--norm",
-        choices=("transductive", "running", "inductive", "none"),
+        choices=("transductive", "running", "per-step", "inductive", "none"),
         help="Conv4's normalisation (running: batch norm with running averages, "
-        "used at test time)",
+        "used at test time; per-step: one set of running averages and norm "
+        "weights per inner step, as MAML++'s BNRS/BNWB)",
     )
     p.add_argument("--conv-impl", choices=CONV_IMPLS)
     p.add_argument(

@@ -135,7 +135,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         msl_anneal_steps=5_000,  # multi_step_loss_num_epochs 10 × 500
         # per_step_bn_statistics true, learnable_bn_gamma/beta true: one set of
         # statistics and norm weights per step (BNRS + BNWB).
-        norm="running",
+        norm="per-step",
         downsample="maxpool",  # max_pooling true
         head="flatten",  # 1×1×64 after four pools
         # second_order true, first_order_to_second_order_epoch -1: second order

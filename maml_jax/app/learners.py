@@ -33,7 +33,7 @@ _FEW_SHOT_EXTRA = {
 def _make_learner(config: FewShotConfig, model, loss_fn):
     """The learner for ``config.algorithm``, with the paper-style defaults."""
     name = config.algorithm
-    stateful = config.norm == "running"
+    stateful = config.norm in ("running", "per-step")
     if name == "protonet":
         # build_learner made ``model`` headless: its features are the embedding.
         if stateful:
@@ -53,8 +53,8 @@ def _make_learner(config: FewShotConfig, model, loss_fn):
     )
     if stateful:
         kwargs["has_state"] = True
-        if name == "maml_plus_plus":  # BNRS + BNWB, as in MAML++
-            kwargs["per_step_norm"] = True
+    if config.norm == "per-step":
+        kwargs["per_step_norm"] = True
     if name == "anil":  # only the linear head adapts
         kwargs["adapt_mask"] = lambda p: {k: k == "head" for k in p}
     if name == "maml_plus_plus":
@@ -64,11 +64,9 @@ def _make_learner(config: FewShotConfig, model, loss_fn):
 
 
 def _per_step_norm(config: FewShotConfig) -> int:
-    """MAML++ with running statistics keeps one set per inner step (BNRS/BNWB):
+    """``--norm per-step`` keeps one set of statistics per inner step (BNRS/BNWB):
     ``K + 1``, the query pass after the last step included."""
-    if config.algorithm == "maml_plus_plus" and config.norm == "running":
-        return config.inner_steps + 1
-    return 0
+    return config.inner_steps + 1 if config.norm == "per-step" else 0
 
 
 def build_learner(config: FewShotConfig, image_shape):
@@ -80,7 +78,7 @@ def build_learner(config: FewShotConfig, image_shape):
         filters=config.filters or (64 if omniglot else 32),
         downsample=config.downsample or ("stride" if omniglot else "maxpool"),
         head=config.head or ("mean" if omniglot else "flatten"),
-        norm=config.norm,
+        norm="running" if config.norm == "per-step" else config.norm,
         conv_impl=config.conv_impl or "auto",
         dtype=None if config.precision == "float32" else jnp.bfloat16,
         per_step_norm=_per_step_norm(config),

@@ -32,7 +32,7 @@ import jax
 import numpy as np
 
 import maml_jax
-from maml_jax import core, episodes, models, ops
+from maml_jax import core, episodes, ops
 from maml_jax.app import family_presets, options, protocol
 from maml_jax.app.learners import ALGORITHMS
 
@@ -115,6 +115,11 @@ SPLITS = {
 }
 # Each dataset's images as the runs load them (float32).
 IMAGE_SHAPES = {"omniglot": (28, 28, 1), "miniimagenet": (84, 84, 3)}
+
+# Conv4's norms, plus "per-step": its running norm with one set of statistics
+# and norm weights per inner step (MAML++'s BNRS/BNWB).
+NORMS = ("transductive", "running", "per-step", "inductive", "none")
+PER_STEP_NORM_ALGORITHMS = ("maml", "fomaml", "maml_plus_plus")
 # --on-nonfinite: "stop" raises FloatingPointError at the first non-finite step;
 # "skip" leaves the parameters unchanged at such a step and counts it.
 ON_NONFINITE = {"stop": "raise", "skip": "skip"}
@@ -148,7 +153,7 @@ class FewShotConfig:
     outer_lr: float = 1e-3
     grad_clip: float | None = None
     seed: int = 0
-    norm: str = "transductive"
+    norm: str = "transductive"  # one of NORMS
     precision: str = "float32"  # or "bfloat16": compute dtype of Conv4
     conv_impl: str | None = None  # None: ops.resolve_conv_impl("auto")
     batching: str | None = None  # None: "scan" on CPU, "vmap" elsewhere
@@ -325,12 +330,17 @@ class FewShotConfig:
             )
         if self.precision not in ("float32", "bfloat16"):
             raise ValueError("--precision must be float32 or bfloat16.")
-        if self.norm not in models.NORMS:
-            raise ValueError(f"--norm must be one of {models.NORMS}.")
-        if self.norm == "running" and self.algorithm == "imaml":
+        if self.norm not in NORMS:
+            raise ValueError(f"--norm must be one of {NORMS}.")
+        if self.norm in ("running", "per-step") and self.algorithm == "imaml":
             raise ValueError(
-                "--norm running needs a learner that carries model state; imaml "
-                "does not yet. Use --norm transductive with imaml."
+                f"--norm {self.norm} needs a learner that carries model state; "
+                f"imaml does not yet. Use --norm transductive with imaml."
+            )
+        if self.norm == "per-step" and self.algorithm not in PER_STEP_NORM_ALGORITHMS:
+            raise ValueError(
+                f"--norm per-step needs a learner that passes its inner step to the "
+                f"model: one of {', '.join(PER_STEP_NORM_ALGORITHMS)}."
             )
         protocol.validate(self)
         if memory:

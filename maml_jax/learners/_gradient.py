@@ -69,8 +69,9 @@ def gradient_learner(
 
     With model state, each task threads it through its ``K`` support passes and
     then its query pass (all in training mode); ``meta_loss`` returns the state
-    after the query pass. ``adapt`` and ``adaptation_curve`` default to
-    inference mode.
+    after the query pass. ``adapt`` runs the support passes in training mode
+    too (``training=False`` for inference mode) and returns the state they
+    leave; ``adaptation_curve`` evaluates the query set in inference mode.
     """
     has_state = check_flag("has_state", has_state)
 
@@ -132,7 +133,7 @@ def gradient_learner(
         *,
         num_steps: int | None = None,
         state: Any = None,
-        training: bool = False,
+        training: bool = True,
     ) -> Any:
         _validation.check_examples(support, "adapt: support")
         stateful = check_state(state, "adapt")

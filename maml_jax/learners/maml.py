@@ -23,6 +23,7 @@ def maml(
     remat: bool = False,
     has_aux: bool = False,
     has_state: bool = False,
+    per_step_norm: bool = False,
 ) -> MetaLearner:
     r"""Model-Agnostic Meta-Learning (MAML).
 
@@ -57,6 +58,11 @@ def maml(
       has_aux: whether ``loss_fn`` returns ``(loss, aux_dict)``.
       has_state: whether ``loss_fn`` carries model state: a ``StatefulLossFn``
         ``loss_fn(params, state, batch, *, training) -> (loss, new_state)``.
+      per_step_norm: also pass the inner step to the stateful loss,
+        ``loss_fn(..., training, step)``: ``step=k`` for the support pass of
+        step ``k`` and the query pass after ``k`` steps, for one set of
+        batch-norm statistics and weights per step
+        (``Conv4(norm="running", per_step_norm=K + 1)``, MAML++'s BNRS/BNWB).
 
     Returns:
       A ``MetaLearner``; ``init`` is the identity (the meta-parameters are the
@@ -81,6 +87,11 @@ def maml(
     """
     optimizer = update_rules.inner_optimizer(inner_lr, inner_optimizer)
     num_inner_steps = _validation.check_positive_int("num_inner_steps", num_inner_steps)
+    if check_flag("per_step_norm", per_step_norm) and not has_state:
+        raise ValueError(
+            "per_step_norm gives the model one set of running statistics per inner "
+            "step: it needs a stateful loss (has_state=True)."
+        )
 
     def init(params: Params) -> Params:
         _validation.check_lr_matches_params("inner_lr", inner_lr, params)
@@ -98,6 +109,7 @@ def maml(
         remat=check_flag("remat", remat),
         has_aux=has_aux,
         has_state=has_state,
+        pass_inner_step=per_step_norm,
     )
 
 
@@ -111,6 +123,7 @@ def fomaml(
     remat: bool = False,
     has_aux: bool = False,
     has_state: bool = False,
+    per_step_norm: bool = False,
 ) -> MetaLearner:
     """First-order MAML: ``maml(..., first_order=True)``.
 
@@ -135,6 +148,7 @@ def fomaml(
         remat=remat,
         has_aux=has_aux,
         has_state=has_state,
+        per_step_norm=per_step_norm,
     )
 
 

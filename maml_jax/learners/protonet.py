@@ -158,7 +158,8 @@ def protonet(
         ``state=``; ``meta_loss`` threads it through the support and the query
         pass (training mode) and returns ``(loss, (aux, new_state))``;
         ``adapt`` returns ``(params, state)``; ``predict`` and
-        ``adaptation_curve`` run in inference mode.
+        ``adaptation_curve`` embed the support set as in meta-training (its
+        batch statistics) and the queries in inference mode.
 
     Returns:
       A ``MetaLearner`` with ``init``, ``adapt``, ``meta_loss``,
@@ -234,18 +235,23 @@ def protonet(
         accuracy = jnp.mean(correct.astype(logits.dtype))
         return loss, accuracy
 
-    def episode(params, task, where, state, training) -> tuple[Aux, Any]:
+    def episode(params, task, where, state, query_training) -> tuple[Aux, Any]:
         _validation.check_task(task, where)
         s_inputs, s_labels = _unpack(task.support, f"{where}: task.support")
         q_inputs, q_labels = _unpack(task.query, f"{where}: task.query")
         _check_support_matches_query(s_inputs, q_inputs, where)
-        s_emb, state = embed(
-            params, state, s_inputs, s_labels.shape[0], f"{where}: task.support",
-            training,
+        s_emb, support_state = embed(
+            params, state, s_inputs, len(s_labels), f"{where}: task.support", True
         )
+        if query_training:  # meta-training: the query pass continues the state
+            state = support_state
         q_emb, state = embed(
-            params, state, q_inputs, q_labels.shape[0], f"{where}: task.query",
-            training,
+            params,
+            state,
+            q_inputs,
+            len(q_labels),
+            f"{where}: task.query",
+            query_training,
         )
         prototypes = class_prototypes(s_emb, s_labels, ways)
         q_loss, q_accuracy = classify(q_emb, q_labels, prototypes)
@@ -288,7 +294,7 @@ def protonet(
         _validation.check_examples(support, "predict: support")
         s_inputs, s_labels = _unpack(support, "predict: support")
         s_emb, _ = embed(
-            meta_params, state, s_inputs, s_labels.shape[0], "predict: support", False
+            meta_params, state, s_inputs, s_labels.shape[0], "predict: support", True
         )
         prototypes = class_prototypes(s_emb, s_labels, ways)
         _check_support_matches_query(s_inputs, inputs, "predict")
