@@ -141,12 +141,14 @@ def inner_loop(
 
     if remat:
         step = jax.checkpoint(step)
-    # Under shard_map: each device descends its own support loss (see _varying).
-    params = _varying.like_data(params, support)
+    # Under shard_map: each device descends its own support loss, and optimizer
+    # or model state that depends on the support keeps one type in the scan
+    # carry (see _varying).
+    carry = _varying.like_data((params, optimizer.init(params), state), support)
     # Stateless loops scan over nothing, so their programs carry no counter.
     ks = jnp.arange(num_steps) if has_state else None
     (params, _, state), (losses, observed) = jax.lax.scan(
-        step, (params, optimizer.init(params), state), ks, length=num_steps
+        step, carry, ks, length=num_steps
     )
     return params, InnerTrace(losses, observed, state)
 

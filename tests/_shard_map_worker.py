@@ -101,6 +101,12 @@ REGRESSION = {
     "maml_plus_plus": lambda: maml_jax.maml_plus_plus(
         helpers.mlp_loss, inner_lr=0.05, num_inner_steps=2, msl_anneal_steps=10
     ),
+    # Its state (a count of non-finite steps) depends on the support gradients.
+    "maml_apply_if_finite": lambda: maml_jax.maml(
+        helpers.mlp_loss,
+        inner_optimizer=optax.apply_if_finite(optax.sgd(0.05), 3),
+        num_inner_steps=2,
+    ),
     "reptile": lambda: maml_jax.reptile(
         helpers.mlp_loss, inner_lr=0.05, num_inner_steps=2
     ),

@@ -69,6 +69,7 @@ def _check(results, case):
 
 LEARNERS = [
     "maml",
+    "maml_apply_if_finite",  # inner optimizer state that depends on the gradients
     "fomaml",
     "anil",
     "meta_sgd",
