@@ -172,6 +172,32 @@ def adapt(name: str):
     return got, jax.jit(adapt_all)(params, tasks.support)
 
 
+def centred_loss(p, s, batch, *, training):
+    """``mlp_loss`` of inputs centred by a running mean: the model state."""
+    x, y = batch
+    mean = 0.9 * s + 0.1 * jax.lax.stop_gradient(x.mean(0)) if training else s
+    return helpers.mlp_loss(p, (x - mean[None], y)), mean
+
+
+def meta_grad_stateful():
+    """Loss, task-mean new state and meta-gradient of a stateful MAML."""
+    learner = maml_jax.maml(
+        centred_loss, inner_lr=0.05, num_inner_steps=2, has_state=True
+    )
+    params, state, tasks = mlp_params((1, 8, 8, 1)), jnp.zeros(1), sinusoid_tasks()
+    value_and_grad = functools.partial(
+        maml_jax.meta_value_and_grad, learner, batching="vmap"
+    )
+
+    def per_device(mp, state, tasks):
+        (loss, (_, new_state)), grads = value_and_grad(mp, tasks, state=state)
+        return jax.lax.pmean((loss, new_state, grads), AXIS)
+
+    got = sharded(per_device, (P(), P(), P(AXIS)), P())(params, state, tasks)
+    (loss, (_, new_state)), grads = jax.jit(value_and_grad)(params, tasks, state=state)
+    return got, (loss, new_state, grads)
+
+
 def train_steps(name: str = "maml", num_steps: int = 3):
     """A user's jitted ``shard_map`` step with an optax chain vs ``meta_train_step``."""
     learner, params, _ = learner_and_data(name)
@@ -201,6 +227,7 @@ def train_steps(name: str = "maml", num_steps: int = 3):
 CASES = {
     **{f"meta_grad/{n}": functools.partial(meta_grad, n) for n in REGRESSION},
     "meta_grad/protonet": functools.partial(meta_grad, "protonet"),
+    "meta_grad/maml_stateful": meta_grad_stateful,
     "batching/scan": functools.partial(meta_grad, "maml", "scan", 1),
     "batching/auto": functools.partial(meta_grad, "maml", "auto"),
     "grad_of_pmean/maml_plus_plus": functools.partial(grad_of_pmean, "maml_plus_plus"),

@@ -77,6 +77,7 @@ LEARNERS = [
     "reptile",
     "imaml",
     "protonet",
+    "maml_stateful",  # model state (a running mean) threaded through the inner loop
 ]
 
 
