@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from maml_jax import _validation
+from maml_jax import _validation, _varying
 from maml_jax.types import (
     Aux,
     Batch,
@@ -141,10 +141,14 @@ def inner_loop(
 
     if remat:
         step = jax.checkpoint(step)
+    # Under shard_map: each device descends its own support loss, and optimizer
+    # or model state that depends on the support keeps one type in the scan
+    # carry (see _varying).
+    carry = _varying.like_data((params, optimizer.init(params), state), support)
     # Stateless loops scan over nothing, so their programs carry no counter.
     ks = jnp.arange(num_steps) if has_state else None
     (params, _, state), (losses, observed) = jax.lax.scan(
-        step, (params, optimizer.init(params), state), ks, length=num_steps
+        step, carry, ks, length=num_steps
     )
     return params, InnerTrace(losses, observed, state)
 
@@ -427,6 +431,9 @@ def meta_value_and_grad(
     if batching == "auto":
         batching, auto_chunk = auto_batching(tasks)
         chunk_size = auto_chunk if chunk_size is None else chunk_size
+    # Under shard_map: per-device mean gradients, which the caller's pmean over
+    # the task axis averages, rather than their sum (see _varying).
+    meta_params = _varying.like_data(meta_params, tasks)
     has_state = learner.has_state
     if has_state:
 

@@ -480,3 +480,33 @@ def test_per_step_norm_threads_one_set_of_statistics_per_inner_step():
         maml_jax.maml_plus_plus(
             loss_fn, inner_lr=0.1, num_inner_steps=1, per_step_norm=True
         )
+
+
+def test_query_training_false_scores_the_query_as_evaluation_does():
+    theta, state, tasks = setup()
+    task = one_task(tasks)
+    state = {"mean": jnp.full(8, 0.3), "var": jnp.full(8, 2.0)}
+    learner = maml_jax.maml(
+        stateful_loss,
+        inner_lr=ALPHA,
+        num_inner_steps=K,
+        has_state=True,
+        query_training=False,
+    )
+    (loss, (_, new_state)), grads = jax.value_and_grad(
+        lambda t: learner.meta_loss(t, task, state=state), has_aux=True
+    )(theta)
+    (ref_loss, _), ref_grads = jax.value_and_grad(
+        lambda t: reference_meta_loss(t, state, task, query_training=False),
+        has_aux=True,
+    )(theta)
+    chex.assert_trees_all_close(loss, ref_loss, rtol=1e-12)
+    chex.assert_trees_all_close(grads, ref_grads, rtol=1e-10, atol=1e-12)
+    # The state moved with the support passes only.
+    _, (_, after_support) = reference_meta_loss(theta, state, task)
+    assert not np.allclose(new_state["mean"], state["mean"])
+    assert not np.allclose(new_state["mean"], after_support["mean"])
+    with pytest.raises(ValueError, match="has_state=True"):
+        maml_jax.maml(
+            stateful_loss, inner_lr=0.1, num_inner_steps=1, query_training=False
+        )

@@ -58,7 +58,7 @@ def _debug_flag(parser) -> None:
 
 
 def _train_parser(sub) -> None:
-    from maml_jax.app.learners import ALGORITHMS
+    from maml_jax.app.learners import ALGORITHMS, NORMS
     from maml_jax.app.presets import FREE_ON_RESUME, PRESETS
     from maml_jax.ops import CONV_IMPLS
 
@@ -119,10 +119,12 @@ def _train_parser(sub) -> None:
     p.add_argument("--algorithm", choices=ALGORITHMS)
     p.add_argument(
         "--norm",
-        choices=("transductive", "running", "per-step", "inductive", "none"),
+        choices=NORMS,
         help="Conv4's normalisation (running: batch norm with running averages, "
-        "used at test time; per-step: one set of running averages and norm "
-        "weights per inner step, as MAML++'s BNRS/BNWB)",
+        "used for the query set at test time; running-query: the same, with the "
+        "query pass also meta-trained on the running averages; per-step: one set "
+        "of running averages and norm weights per inner step, as MAML++'s "
+        "BNRS/BNWB)",
     )
     p.add_argument("--conv-impl", choices=CONV_IMPLS)
     p.add_argument(

@@ -24,6 +24,14 @@ if TYPE_CHECKING:
 REGRESSION_ALGORITHMS = maml_jax.GRADIENT_LEARNERS
 ALGORITHMS = tuple(maml_jax.LEARNERS)
 
+# Conv4's norms as the CLI offers them: "running-query" and "per-step" are its
+# running norm with the query pass meta-trained on the running averages, or
+# with one set of statistics and norm weights per inner step (MAML++'s BNRS/BNWB).
+NORMS = ("transductive", "running", "running-query", "per-step", "inductive", "none")
+STATEFUL_NORMS = ("running", "running-query", "per-step")
+PER_STEP_NORM_ALGORITHMS = ("maml", "fomaml", "maml_plus_plus")
+RUNNING_QUERY_ALGORITHMS = ("maml", "fomaml")
+
 # Each protocol's settings beyond the shared inner_lr / num_inner_steps.
 _FEW_SHOT_EXTRA = {
     "imaml": dict(reg_lambda=2.0, cg_steps=5),
@@ -33,7 +41,7 @@ _FEW_SHOT_EXTRA = {
 def _make_learner(config: FewShotConfig, model, loss_fn):
     """The learner for ``config.algorithm``, with the paper-style defaults."""
     name = config.algorithm
-    stateful = config.norm in ("running", "per-step")
+    stateful = config.norm in STATEFUL_NORMS
     if name == "protonet":
         # build_learner made ``model`` headless: its features are the embedding.
         if stateful:
@@ -55,6 +63,8 @@ def _make_learner(config: FewShotConfig, model, loss_fn):
         kwargs["has_state"] = True
     if config.norm == "per-step":
         kwargs["per_step_norm"] = True
+    if config.norm == "running-query":
+        kwargs["query_training"] = False
     if name == "anil":  # only the linear head adapts
         kwargs["adapt_mask"] = lambda p: {k: k == "head" for k in p}
     if name == "maml_plus_plus":
@@ -78,7 +88,7 @@ def build_learner(config: FewShotConfig, image_shape):
         filters=config.filters or (64 if omniglot else 32),
         downsample=config.downsample or ("stride" if omniglot else "maxpool"),
         head=config.head or ("mean" if omniglot else "flatten"),
-        norm="running" if config.norm == "per-step" else config.norm,
+        norm="running" if config.norm in STATEFUL_NORMS else config.norm,
         conv_impl=config.conv_impl or "auto",
         dtype=None if config.precision == "float32" else jnp.bfloat16,
         per_step_norm=_per_step_norm(config),

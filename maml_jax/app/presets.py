@@ -34,7 +34,13 @@ import numpy as np
 import maml_jax
 from maml_jax import core, episodes, ops
 from maml_jax.app import family_presets, options, protocol
-from maml_jax.app.learners import ALGORITHMS
+from maml_jax.app.learners import (
+    ALGORITHMS,
+    NORMS,
+    PER_STEP_NORM_ALGORITHMS,
+    RUNNING_QUERY_ALGORITHMS,
+    STATEFUL_NORMS,
+)
 
 PRESETS: dict[str, dict[str, Any]] = {
     "omniglot-5w1s": dict(
@@ -116,10 +122,6 @@ SPLITS = {
 # Each dataset's images as the runs load them (float32).
 IMAGE_SHAPES = {"omniglot": (28, 28, 1), "miniimagenet": (84, 84, 3)}
 
-# Conv4's norms, plus "per-step": its running norm with one set of statistics
-# and norm weights per inner step (MAML++'s BNRS/BNWB).
-NORMS = ("transductive", "running", "per-step", "inductive", "none")
-PER_STEP_NORM_ALGORITHMS = ("maml", "fomaml", "maml_plus_plus")
 # --on-nonfinite: "stop" raises FloatingPointError at the first non-finite step;
 # "skip" leaves the parameters unchanged at such a step and counts it.
 ON_NONFINITE = {"stop": "raise", "skip": "skip"}
@@ -332,10 +334,18 @@ class FewShotConfig:
             raise ValueError("--precision must be float32 or bfloat16.")
         if self.norm not in NORMS:
             raise ValueError(f"--norm must be one of {NORMS}.")
-        if self.norm in ("running", "per-step") and self.algorithm == "imaml":
+        if self.norm in STATEFUL_NORMS and self.algorithm == "imaml":
             raise ValueError(
                 f"--norm {self.norm} needs a learner that carries model state; "
                 f"imaml does not yet. Use --norm transductive with imaml."
+            )
+        if (
+            self.norm == "running-query"
+            and self.algorithm not in RUNNING_QUERY_ALGORITHMS
+        ):
+            raise ValueError(
+                f"--norm running-query is one of the options of "
+                f"{', '.join(RUNNING_QUERY_ALGORITHMS)}."
             )
         if self.norm == "per-step" and self.algorithm not in PER_STEP_NORM_ALGORITHMS:
             raise ValueError(

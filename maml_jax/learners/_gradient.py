@@ -49,6 +49,7 @@ def gradient_learner(
     has_aux: bool,
     has_state: bool = False,
     pass_inner_step: bool = False,
+    query_training: bool = True,
     objective: Objective | None = None,
     observe_query: bool = False,
 ) -> MetaLearner:
@@ -61,6 +62,11 @@ def gradient_learner(
       first_order, remat, has_aux, has_state, pass_inner_step: as in
         ``core.inner_loop``; with ``pass_inner_step`` the query pass after
         ``k`` steps gets ``step=k``.
+      query_training: with model state, run the meta-training query pass in
+        training mode (batch statistics; the default) or, if ``False``, in
+        inference mode at the task's starting state (the running averages), as
+        evaluation scores the query set; the state then moves with the support
+        passes only.
       objective: replaces the meta-loss ``L_Q(φ_K)`` (MAML++'s multi-step loss,
         Reptile's surrogate); called with the meta-parameters, the adapted
         part, the inner trace, ``L_Q(φ_K)`` and the outer step.
@@ -74,6 +80,14 @@ def gradient_learner(
     leave; ``adaptation_curve`` evaluates the query set in inference mode.
     """
     has_state = check_flag("has_state", has_state)
+    if not check_flag("query_training", query_training):
+        if not has_state:
+            raise ValueError("query_training=False needs has_state=True.")
+        if pass_inner_step:
+            raise ValueError(
+                "query_training=False with per-step norms would score the query "
+                "with statistics no support pass updates."
+            )
 
     def steps(num_steps: int | None) -> int:
         if num_steps is None:
@@ -105,9 +119,9 @@ def gradient_learner(
                 p,
                 query,
                 has_aux=has_aux,
-                state=s,
+                state=s if query_training else state,
                 has_state=has_state,
-                training=training,
+                training=training and query_training,
                 step=k if pass_inner_step else None,
             )
         phi, trace = core.inner_loop(
@@ -169,10 +183,13 @@ def gradient_learner(
                 phi,
                 task.query,
                 has_aux=has_aux,
-                state=trace.state,
+                state=trace.state if query_training else state,
                 has_state=has_state,
+                training=query_training,
                 step=num_inner_steps if pass_inner_step else None,
             )
+        if not query_training:
+            query_state = trace.state
         aux = core.task_metrics(
             problem.loss_fn,
             problem.start,

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from maml_jax import _validation, core, update_rules
+from maml_jax import _validation, _varying, core, update_rules
 from maml_jax.types import Aux, Batch, LossFn, MetaLearner, Params, Task
 
 
@@ -156,7 +156,9 @@ def imaml(
                 cg_damping=cg_damping,
                 has_aux=has_aux,
             )
-        return solves[num_steps](theta, support)
+        # Under shard_map: φ* and its cotangent vary with the support, and a
+        # custom_vjp's cotangent must have its input's type.
+        return solves[num_steps](_varying.like_data(theta, support), support)
 
     def init(params: Params) -> Params:
         _validation.check_params(params, "init")
@@ -297,7 +299,9 @@ def _conjugate_gradient(
         p = _tree_axpy(beta, p, r)
         return (x, r, p, rs_new, stopped), None
 
-    init = (zeros, b, b, rs, jnp.zeros((), bool))
+    # Under shard_map the flag varies with b: a scan carry must keep its type.
+    stopped = _varying.like_data(jnp.zeros((), bool), b)
+    init = (zeros, b, b, rs, stopped)
     (x, *_), _ = jax.lax.scan(step, init, jnp.arange(num_steps))
     return x
 

@@ -24,6 +24,7 @@ def maml(
     has_aux: bool = False,
     has_state: bool = False,
     per_step_norm: bool = False,
+    query_training: bool = True,
 ) -> MetaLearner:
     r"""Model-Agnostic Meta-Learning (MAML).
 
@@ -63,6 +64,11 @@ def maml(
         step ``k`` and the query pass after ``k`` steps, for one set of
         batch-norm statistics and weights per step
         (``Conv4(norm="running", per_step_norm=K + 1)``, MAML++'s BNRS/BNWB).
+      query_training: with model state, meta-train the query pass in training
+        mode (batch statistics, the default) or, if ``False``, in inference
+        mode (the running averages the task started from), as ``evaluate``
+        scores queries: training and evaluation then normalise the query set
+        the same way.
 
     Returns:
       A ``MetaLearner``; ``init`` is the identity (the meta-parameters are the
@@ -110,6 +116,7 @@ def maml(
         has_aux=has_aux,
         has_state=has_state,
         pass_inner_step=per_step_norm,
+        query_training=query_training,
     )
 
 
@@ -124,6 +131,7 @@ def fomaml(
     has_aux: bool = False,
     has_state: bool = False,
     per_step_norm: bool = False,
+    query_training: bool = True,
 ) -> MetaLearner:
     """First-order MAML: ``maml(..., first_order=True)``.
 
@@ -149,6 +157,7 @@ def fomaml(
         has_aux=has_aux,
         has_state=has_state,
         per_step_norm=per_step_norm,
+        query_training=query_training,
     )
 
 
