@@ -61,6 +61,9 @@ from maml_jax.types import (
     Params,
     PredictFn,
     Task,
+    TaskBatch,
+    stack_tasks,
+    unstack_tasks,
 )
 from maml_jax.update_rules import per_step_sgd, sgd_with_rates
 
@@ -104,7 +107,10 @@ __all__ = [
     "Params",
     "PredictFn",
     "Task",
+    "TaskBatch",
     "TaskBatching",
+    "stack_tasks",
+    "unstack_tasks",
     # Core: the inner loop and meta-gradients
     "InnerTrace",
     "adaptation_curve",

@@ -25,6 +25,7 @@ from maml_jax.types import (
     MetaParams,
     Params,
     Task,
+    TaskBatch,
 )
 
 
@@ -222,7 +223,7 @@ _CPU_MAX_CHUNK_SIZE = 4
 _CPU_CHUNK_EXAMPLES = 160
 
 
-def auto_batching(tasks: Task) -> tuple[str, int | None]:
+def auto_batching(tasks: TaskBatch) -> tuple[str, int | None]:
     """The task batching ``"auto"`` resolves to, and its chunk size.
 
     On XLA:CPU with one device, tasks whose inputs are images (a leaf of rank
@@ -253,7 +254,7 @@ def cpu_chunk_size(num_tasks: int, examples_per_task: int) -> int:
 def meta_value_and_grad(
     learner: MetaLearner,
     meta_params: MetaParams,
-    tasks: Task,
+    tasks: TaskBatch,
     *,
     batching: TaskBatching = "auto",
     chunk_size: int | None = None,
@@ -279,7 +280,8 @@ def meta_value_and_grad(
     Args:
       learner: a ``MetaLearner`` (e.g. from ``maml``).
       meta_params: the meta-parameters.
-      tasks: a ``Task`` whose leaves have a leading task axis of length ``T``.
+      tasks: a ``TaskBatch`` whose leaves have a leading task axis of length
+        ``T`` (one ``Task`` is refused: ``stack_tasks([task])`` batches it).
       batching: ``"auto"``, ``"vmap"``, ``"scan"`` or ``"unroll"``.
       chunk_size: tasks per chunk for ``"scan"`` / ``"unroll"``; must divide
         ``T``. Ignored by ``"vmap"``.
@@ -296,10 +298,12 @@ def meta_value_and_grad(
         batching, auto_chunk = auto_batching(tasks)
         chunk_size = auto_chunk if chunk_size is None else chunk_size
     meta_loss = functools.partial(learner.meta_loss, outer_step=outer_step)
+    # vmap and scan slice a TaskBatch into TaskBatches; learners take a Task.
+    task_meta_loss = lambda mp, task_slice: meta_loss(mp, Task(*task_slice))
     # Per-task gradients summed explicitly (see _sum_over_tasks), not the
     # gradient of a vmapped sum, whose transpose XLA:CPU runs as a slow reduction.
     task_value_and_grad = jax.vmap(
-        jax.value_and_grad(meta_loss, has_aux=True), in_axes=(None, 0)
+        jax.value_and_grad(task_meta_loss, has_aux=True), in_axes=(None, 0)
     )
 
     def chunk_grad(mp, task_chunk):
