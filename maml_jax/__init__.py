@@ -66,6 +66,9 @@ from maml_jax.types import (
     PredictFn,
     StatefulLossFn,
     Task,
+    TaskBatch,
+    stack_tasks,
+    unstack_tasks,
 )
 from maml_jax.update_rules import per_step_sgd, sgd_with_rates
 
@@ -112,7 +115,10 @@ __all__ = [
     "StateReduction",
     "StatefulLossFn",
     "Task",
+    "TaskBatch",
     "TaskBatching",
+    "stack_tasks",
+    "unstack_tasks",
     # Core: the inner loop and meta-gradients
     "InnerTrace",
     "adaptation_curve",

@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from maml_jax.types import Aux, Task
+from maml_jax.types import Aux, Task, TaskBatch
 
 
 def check_positive_int(name: str, value: Any) -> int:
@@ -148,11 +148,21 @@ def check_examples(batch: Any, where: str, *, axis: int = 0) -> None:
 
 
 def _check_task_structure(task: Any, where: str) -> None:
+    if isinstance(task, TaskBatch):
+        raise TypeError(
+            f"{where} takes one maml_jax.Task and got a TaskBatch (a batch of "
+            f"tasks). Pass one task, e.g. maml_jax.unstack_tasks(batch)[i], or "
+            f"use meta_value_and_grad / evaluate for the whole batch."
+        )
     if not isinstance(task, Task):
         raise TypeError(
             f"{where} expects a maml_jax.Task(support, query); "
             f"got {type(task).__name__}."
         )
+    _check_support_and_query(task, where)
+
+
+def _check_support_and_query(task: Any, where: str) -> None:
     s_def, q_def = jax.tree.structure(task.support), jax.tree.structure(task.query)
     if s_def != q_def:
         raise ValueError(
@@ -164,12 +174,23 @@ def _check_task_structure(task: Any, where: str) -> None:
 
 
 def check_task_batch(tasks: Any, where: str) -> int:
-    """Checks a batch of tasks and returns the number of tasks (the leading axis).
+    """Checks a ``TaskBatch`` and returns the number of tasks (the leading axis).
 
     The batch needs at least one task, and each task at least one support and
     one query example (axis 1 of every leaf that has one).
     """
-    _check_task_structure(tasks, where)
+    if isinstance(tasks, Task):
+        raise TypeError(
+            f"{where} got a single Task; pass a TaskBatch whose leaves have a "
+            f"leading task axis: maml_jax.stack_tasks([task]) or "
+            f"maml_jax.TaskBatch(support=..., query=...)."
+        )
+    if not isinstance(tasks, TaskBatch):
+        raise TypeError(
+            f"{where} expects a maml_jax.TaskBatch(support, query) whose leaves "
+            f"have a leading task axis; got {type(tasks).__name__}."
+        )
+    _check_support_and_query(tasks, where)
     sizes = {}
     for part in ("support", "query"):
         tree = getattr(tasks, part)
@@ -179,7 +200,7 @@ def check_task_batch(tasks: Any, where: str) -> int:
                 raise ValueError(
                     f"{where}: task.{part}{path} is a scalar, but tasks need a "
                     f"leading task axis: shape (num_tasks, ...). For a single task "
-                    f"use jax.tree.map(lambda x: x[None], task)."
+                    f"use maml_jax.stack_tasks([task])."
                 )
             sizes[f"{part}{path}"] = shape[0]
     if len(set(sizes.values())) != 1:

@@ -25,6 +25,7 @@ from maml_jax.types import (
     ModelState,
     Params,
     Task,
+    TaskBatch,
 )
 
 
@@ -330,7 +331,7 @@ _CPU_MAX_CHUNK_SIZE = 4
 _CPU_CHUNK_EXAMPLES = 160
 
 
-def auto_batching(tasks: Task) -> tuple[str, int | None]:
+def auto_batching(tasks: TaskBatch) -> tuple[str, int | None]:
     """The task batching ``"auto"`` resolves to, and its chunk size.
 
     On XLA:CPU with one device, tasks whose inputs are images (a leaf of rank
@@ -380,7 +381,7 @@ def mean_state(per_task_states: ModelState) -> ModelState:
 def meta_value_and_grad(
     learner: MetaLearner,
     meta_params: MetaParams,
-    tasks: Task,
+    tasks: TaskBatch,
     *,
     batching: TaskBatching = "auto",
     chunk_size: int | None = None,
@@ -408,7 +409,8 @@ def meta_value_and_grad(
     Args:
       learner: a ``MetaLearner`` (e.g. from ``maml``).
       meta_params: the meta-parameters.
-      tasks: a ``Task`` whose leaves have a leading task axis of length ``T``.
+      tasks: a ``TaskBatch`` whose leaves have a leading task axis of length
+        ``T`` (one ``Task`` is refused: ``stack_tasks([task])`` batches it).
       batching: ``"auto"``, ``"vmap"``, ``"scan"`` or ``"unroll"``.
       chunk_size: tasks per chunk for ``"scan"`` / ``"unroll"``; must divide
         ``T``. Ignored by ``"vmap"``.
@@ -435,11 +437,12 @@ def meta_value_and_grad(
     # the task axis averages, rather than their sum (see _varying).
     meta_params = _varying.like_data(meta_params, tasks)
     has_state = learner.has_state
+    # vmap and scan slice a TaskBatch into TaskBatches; learners take a Task.
     if has_state:
 
         def meta_loss(mp, task):
             loss, (aux, new_state) = learner.meta_loss(
-                mp, task, state=state, outer_step=outer_step
+                mp, Task(*task), state=state, outer_step=outer_step
             )
             return loss, {"aux": aux, "state": new_state}
 
@@ -451,7 +454,7 @@ def meta_value_and_grad(
             )
 
         def meta_loss(mp, task):
-            loss, aux = learner.meta_loss(mp, task, outer_step=outer_step)
+            loss, aux = learner.meta_loss(mp, Task(*task), outer_step=outer_step)
             return loss, {"aux": aux, "state": None}
 
     # Per-task gradients summed explicitly (see _sum_over_tasks), not the

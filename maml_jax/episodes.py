@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from maml_jax import _validation
-from maml_jax.types import Task
+from maml_jax.types import Task, TaskBatch
 
 
 class EpisodeSpec(NamedTuple):
@@ -109,8 +109,8 @@ def sample_episode(key: jax.Array, data: jax.Array, spec: EpisodeSpec) -> Task:
 
 def sample_episodes(
     key: jax.Array, data: jax.Array, spec: EpisodeSpec, num_tasks: int
-) -> Task:
-    """Samples ``num_tasks`` independent episodes: leaves get a leading task axis.
+) -> TaskBatch:
+    """Samples ``num_tasks`` independent episodes as a ``TaskBatch``.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -122,7 +122,9 @@ def sample_episodes(
     num_tasks = _validation.check_positive_int("num_tasks", num_tasks)
     check_episode_spec(spec, data.shape)
     keys = jax.random.split(key, num_tasks)
-    return jax.vmap(sample_episode, in_axes=(0, None, None))(keys, data, spec)
+    # vmap keeps the Task type of one episode; the stacked episodes are a batch.
+    tasks = jax.vmap(sample_episode, in_axes=(0, None, None))(keys, data, spec)
+    return TaskBatch(*tasks)
 
 
 def _draw_without_replacement(key: jax.Array, n: int, k: int) -> jax.Array:

@@ -10,13 +10,13 @@ import numpy as np
 
 from maml_jax import _validation
 from maml_jax.metrics import mean_ci95
-from maml_jax.types import MetaLearner, MetaParams, ModelState, Task
+from maml_jax.types import MetaLearner, MetaParams, ModelState, Task, TaskBatch
 
 
 def evaluate(
     learner: MetaLearner,
     meta_params: MetaParams,
-    tasks: Task,
+    tasks: TaskBatch,
     *,
     num_steps: int,
     batch_size: int | None = None,
@@ -27,7 +27,7 @@ def evaluate(
     Args:
       learner: the learner whose ``adaptation_curve`` is evaluated.
       meta_params: meta-parameters to adapt from.
-      tasks: test tasks with a leading task axis of length ``T``.
+      tasks: a ``TaskBatch`` of test tasks (leading task axis of length ``T``).
       num_steps: inner steps at test time (the curve covers ``0..num_steps``).
       batch_size: tasks evaluated at once (bounds memory); default all.
       state: the model state (e.g. ``train_state.model_state``) of a learner
@@ -60,8 +60,9 @@ def evaluate(
 def _evaluate_jit(learner, meta_params, tasks, num_steps, batch_size, state):
     kwargs = {"state": state} if learner.has_state else {}
     curve = functools.partial(learner.adaptation_curve, num_steps=num_steps, **kwargs)
+    # lax.map hands each task over as a TaskBatch slice; the learner takes a Task.
     return jax.lax.map(
-        lambda task: curve(meta_params, task), tasks, batch_size=batch_size
+        lambda task: curve(meta_params, Task(*task)), tasks, batch_size=batch_size
     )
 
 

@@ -62,7 +62,7 @@ from maml_jax._distributed import (
     is_primary,
 )
 from maml_jax.train import MetaTrainState, TaskSampler
-from maml_jax.types import Aux, Task
+from maml_jax.types import Aux, TaskBatch
 
 __all__ = [
     "ENV_COORDINATOR",
@@ -161,7 +161,7 @@ def _check_batching(state: MetaTrainState, mesh: Mesh) -> None:
         )
 
 
-def _leading_dim(tasks: Task, where: str) -> int:
+def _leading_dim(tasks: TaskBatch, where: str) -> int:
     return _validation.check_task_batch(tasks, where)
 
 
@@ -189,11 +189,13 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     return jax.tree.map(put, tree)
 
 
-def shard_tasks(tasks: Task, mesh: Mesh, *, process_local: bool = False) -> Task:
+def shard_tasks(
+    tasks: TaskBatch, mesh: Mesh, *, process_local: bool = False
+) -> TaskBatch:
     """Makes ``tasks`` one global array per leaf, task axis split over ``mesh``.
 
     Args:
-      tasks: a ``Task`` batch (NumPy or JAX arrays) with a leading task axis.
+      tasks: a ``TaskBatch`` (NumPy or JAX arrays) with a leading task axis.
       mesh: the task mesh.
       process_local: with several processes, ``False`` means ``tasks`` is the
         whole meta-batch, identical in every process, and each process keeps the
@@ -203,9 +205,9 @@ def shard_tasks(tasks: Task, mesh: Mesh, *, process_local: bool = False) -> Task
         both are ``jax.device_put(tasks, task_sharding(mesh))``.
 
     Returns:
-      ``tasks`` as ``jax.Array`` leaves with sharding ``task_sharding(mesh)``;
-      each device holds ``meta_batch / mesh.size`` tasks. Leaves already so
-      sharded are returned as they are.
+      ``tasks``, still a ``TaskBatch``, as ``jax.Array`` leaves with sharding
+      ``task_sharding(mesh)``; each device holds ``meta_batch / mesh.size``
+      tasks. Leaves already so sharded are returned as they are.
 
     Raises:
       ValueError: if the (global) meta-batch does not divide by the mesh size.
@@ -261,10 +263,10 @@ class ShardedTrainStep:
     """
 
     mesh: Mesh
-    jitted: Callable[[MetaTrainState, Task], tuple[MetaTrainState, Aux]]
+    jitted: Callable[[MetaTrainState, TaskBatch], tuple[MetaTrainState, Aux]]
 
     def __call__(
-        self, state: MetaTrainState, tasks: Task
+        self, state: MetaTrainState, tasks: TaskBatch
     ) -> tuple[MetaTrainState, Aux]:
         _check_batching(state, self.mesh)
         return self.jitted(state, shard_tasks(tasks, self.mesh))
@@ -348,7 +350,7 @@ def make_sharded_scan_train_steps(
 
     Args:
       mesh: the task mesh.
-      sample_tasks: ``key -> Task`` batch, traced into the step.
+      sample_tasks: ``key -> TaskBatch``, traced into the step.
       num_steps: meta-steps per call (static). Build the function once and
         reuse it: each call of this factory is a new jitted function (a new
         compile).
@@ -381,7 +383,7 @@ def make_sharded_scan_train_steps(
 
 
 def shard_sampler(sample_tasks: TaskSampler, mesh: Mesh) -> TaskSampler:
-    """Wraps a ``key -> Task`` sampler so its output is split over ``mesh``.
+    """Wraps a ``key -> TaskBatch`` sampler so its output is split over ``mesh``.
 
     The wrapped sampler calls ``sample_tasks(key)`` and applies
     ``jax.lax.with_sharding_constraint(tasks, task_sharding(mesh))`` (see
@@ -399,7 +401,7 @@ def shard_sampler(sample_tasks: TaskSampler, mesh: Mesh) -> TaskSampler:
     """
     sharding = task_sharding(mesh)
 
-    def sharded_sampler(key: jax.Array) -> Task:
+    def sharded_sampler(key: jax.Array) -> TaskBatch:
         tasks = sample_tasks(key)
         _check_divisible(_leading_dim(tasks, "sample_tasks(key)"), mesh)
         return jax.lax.with_sharding_constraint(tasks, sharding)

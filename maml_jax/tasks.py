@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from maml_jax import _validation
-from maml_jax.types import Task
+from maml_jax.types import TaskBatch
 
 AMPLITUDE_RANGE = (0.1, 5.0)
 PHASE_RANGE = (0.0, jnp.pi)
@@ -47,11 +47,11 @@ def sinusoid(params: SinusoidParams, x: jax.Array) -> jax.Array:
 
 def sinusoid_tasks(
     key: jax.Array, params: SinusoidParams, num_support: int, num_query: int
-) -> Task:
+) -> TaskBatch:
     """Draws support and query inputs ``x ~ U[−5, 5]`` for given sinusoids.
 
     Returns:
-      A ``Task`` whose support and query are ``(x, y)`` with shapes
+      A ``TaskBatch`` whose support and query are ``(x, y)`` with shapes
       ``(num_tasks, num_support, 1)`` and ``(num_tasks, num_query, 1)``.
     """
     num_support = _validation.check_positive_int("num_support", num_support)
@@ -66,13 +66,17 @@ def sinusoid_tasks(
     y = sinusoid(params, x)
     split = lambda a: (a[:, :num_support], a[:, num_support:])
     (xs, xq), (ys, yq) = split(x), split(y)
-    return Task(support=(xs, ys), query=(xq, yq))
+    return TaskBatch(support=(xs, ys), query=(xq, yq))
 
 
 def sample_sinusoid_tasks(
     key: jax.Array, num_tasks: int, num_support: int, num_query: int
-) -> Task:
+) -> TaskBatch:
     """Samples a batch of sinusoid regression tasks (Finn et al. 2017, Sec. 5.1).
+
+    Returns:
+      A ``TaskBatch`` whose support and query are ``(x, y)`` with shapes
+      ``(num_tasks, num_support, 1)`` and ``(num_tasks, num_query, 1)``.
 
     Examples:
       >>> import jax
@@ -94,4 +98,4 @@ def sample_sinusoid_tasks(
     y = sinusoid(params, x)
     split = lambda a: (a[:, :num_support], a[:, num_support:])
     (xs, xq), (ys, yq) = split(x), split(y)
-    return Task(support=(xs, ys), query=(xq, yq))
+    return TaskBatch(support=(xs, ys), query=(xq, yq))

@@ -15,10 +15,10 @@ import optax
 from flax import struct
 
 from maml_jax import _fit_log, _validation, core
-from maml_jax.types import Aux, MetaLearner, MetaParams, ModelState, Params, Task
+from maml_jax.types import Aux, MetaLearner, MetaParams, ModelState, Params, TaskBatch
 
-TaskSampler = Callable[[jax.Array], Task]
-"""``key -> Task`` batch; traced inside the jitted step (on-device sampling)."""
+TaskSampler = Callable[[jax.Array], TaskBatch]
+"""``key -> TaskBatch``; traced inside the jitted step (on-device sampling)."""
 
 NONFINITE = ("raise", "skip")
 """What ``fit`` does with a step whose meta-loss or meta-gradient is not finite."""
@@ -125,7 +125,7 @@ class MetaTrainState(struct.PyTreeNode):
 
 def train_step(
     state: MetaTrainState,
-    tasks: Task,
+    tasks: TaskBatch,
     *,
     nonfinite: str = "raise",
     pre_adaptation_query: bool = False,
@@ -134,7 +134,7 @@ def train_step(
 
     Args:
       state: the current state.
-      tasks: a batch of tasks.
+      tasks: a ``TaskBatch``.
       nonfinite: ``"raise"`` applies every update (``fit`` then stops at a
         non-finite step); ``"skip"``: if the meta-loss or the meta-gradient's
         norm is not finite (NaN or ±inf), ``meta_params`` and ``opt_state`` are
@@ -360,7 +360,7 @@ def fit(
 
     Args:
       state: the starting state; training continues from ``state.step``.
-      sample_tasks: ``key -> Task`` batch, traced into the step.
+      sample_tasks: ``key -> TaskBatch``, traced into the step.
       key: the run's PRNG key; step ``s`` uses ``fold_in(key, s)``.
       num_steps: total number of meta-updates (not the number still to run).
       steps_per_call: the most meta-steps per host call (performance only).
@@ -502,4 +502,4 @@ def _scan_train_steps_jit(
 
 def _num_tasks(sample_tasks: TaskSampler, key: jax.Array) -> int:
     shapes = jax.eval_shape(sample_tasks, key)
-    return jax.tree.leaves(shapes)[0].shape[0]
+    return _validation.check_task_batch(shapes, "fit: sample_tasks(key)")

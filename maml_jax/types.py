@@ -1,10 +1,13 @@
-"""Types shared across maml_jax: pytree aliases, ``Task`` and ``MetaLearner``."""
+"""Types shared across maml_jax: pytree aliases, ``Task``, ``TaskBatch`` and
+``MetaLearner``."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, NamedTuple, Protocol
 
 import jax
+import jax.numpy as jnp
 
 Params = Any
 """A pytree of arrays: the parameters a ``loss_fn`` is evaluated at."""
@@ -24,15 +27,84 @@ statistics); ``None`` for stateless models."""
 
 
 class Task(NamedTuple):
-    """One few-shot task, or a batch of tasks when every leaf has a leading task axis.
+    """One few-shot task: what per-task functions (``meta_loss``, ``adapt``,
+    ``adaptation_curve``) take. Batches of tasks are ``TaskBatch``.
 
     Attributes:
-      support: the batch the inner loop adapts on (the "K shots").
+      support: the batch the inner loop adapts on (the "K shots"), e.g.
+        ``(x, y)`` with ``x`` of shape ``(K, ...)``.
       query: the batch the adapted parameters are evaluated on.
     """
 
     support: Batch
     query: Batch
+
+
+class TaskBatch(NamedTuple):
+    """A batch of ``T`` tasks: every leaf has a leading task axis of length ``T``.
+
+    What batch functions (``meta_value_and_grad``, ``evaluate``, the train
+    steps, samplers) take and return. A distinct type from ``Task``, so that one
+    task passed where a batch is expected is an error, not ``K`` one-example
+    tasks. Build one with ``stack_tasks`` or directly from stacked arrays;
+    ``unstack_tasks`` gives the tasks back.
+
+    Attributes:
+      support: the support batches, e.g. ``(x, y)`` with ``x`` of shape
+        ``(T, K, ...)``.
+      query: the query batches, with the same leading ``T``.
+    """
+
+    support: Batch
+    query: Batch
+
+
+def stack_tasks(tasks: Sequence[Task]) -> TaskBatch:
+    """Stacks tasks of the same shapes into a ``TaskBatch`` (a new leading axis).
+
+    Works under ``jit``; ``stack_tasks([task])`` is a batch of one task.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import maml_jax
+      >>> task = maml_jax.Task(support=(jnp.ones((5, 1)), jnp.ones(5)),
+      ...                      query=(jnp.ones((3, 1)), jnp.ones(3)))
+      >>> batch = maml_jax.stack_tasks([task, task])
+      >>> batch.support[0].shape, batch.query[1].shape
+      ((2, 5, 1), (2, 3))
+    """
+    tasks = list(tasks)
+    if not tasks:
+        raise ValueError("stack_tasks needs at least one Task; got none.")
+    for i, task in enumerate(tasks):
+        if not isinstance(task, Task):
+            raise TypeError(
+                f"stack_tasks takes a sequence of maml_jax.Task; item {i} is a "
+                f"{type(task).__name__}."
+            )
+    return TaskBatch(*jax.tree.map(lambda *xs: jnp.stack(xs), *tasks))
+
+
+def unstack_tasks(tasks: TaskBatch) -> list[Task]:
+    """The ``T`` tasks of a ``TaskBatch``: the inverse of ``stack_tasks``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import maml_jax
+      >>> batch = maml_jax.TaskBatch(support=jnp.zeros((3, 5)), query=jnp.ones((3, 2)))
+      >>> [t.query.shape for t in maml_jax.unstack_tasks(batch)]
+      [(2,), (2,), (2,)]
+    """
+    if not isinstance(tasks, TaskBatch):
+        raise TypeError(
+            f"unstack_tasks takes a maml_jax.TaskBatch; got {type(tasks).__name__}."
+        )
+    leaves = jax.tree.leaves(tasks)
+    if not leaves or not jnp.ndim(leaves[0]):
+        raise ValueError("unstack_tasks: the batch's leaves need a leading task axis.")
+    # Task(*slice): indexing keeps the TaskBatch type, the slice is one task.
+    slice_at = lambda i: Task(*jax.tree.map(lambda x: x[i], tasks))
+    return [slice_at(i) for i in range(jnp.shape(leaves[0])[0])]
 
 
 class LossFn(Protocol):

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maml_jax import Task
+from maml_jax import Task, TaskBatch
 
 
 def linear_loss(w, batch):
@@ -24,7 +24,7 @@ def linear_hessian(batch):
 
 
 def linear_tasks(key, num_tasks=4, num_support=6, num_query=8, dim=3):
-    """Random linear-regression tasks in float64 with a leading task axis."""
+    """Random linear-regression tasks in float64, as a ``TaskBatch``."""
     k1, k2, k3, k4, k5 = jax.random.split(key, 5)
     w_true = jax.random.normal(k1, (num_tasks, dim), jnp.float64)
     xs = jax.random.normal(k2, (num_tasks, num_support, dim), jnp.float64)
@@ -33,17 +33,19 @@ def linear_tasks(key, num_tasks=4, num_support=6, num_query=8, dim=3):
     ys = ys + 0.1 * jax.random.normal(k4, ys.shape, jnp.float64)
     yq = jnp.einsum("tnd,td->tn", xq, w_true)
     yq = yq + 0.1 * jax.random.normal(k5, yq.shape, jnp.float64)
-    return Task(support=(xs, ys), query=(xq, yq))
+    return TaskBatch(support=(xs, ys), query=(xq, yq))
 
 
 def batch_meta_loss(learner, meta_params, tasks):
     """Mean meta-loss over a batch of tasks and the per-task aux (``vmap``)."""
-    losses, aux = jax.vmap(learner.meta_loss, in_axes=(None, 0))(meta_params, tasks)
+    meta_loss = lambda mp, task: learner.meta_loss(mp, Task(*task))
+    losses, aux = jax.vmap(meta_loss, in_axes=(None, 0))(meta_params, tasks)
     return jnp.mean(losses), aux
 
 
 def task_at(tasks, i):
-    return jax.tree.map(lambda x: x[i], tasks)
+    """Task ``i`` of a ``TaskBatch``."""
+    return Task(*jax.tree.map(lambda x: x[i], tasks))
 
 
 def mlp_params(key, sizes=(1, 8, 8, 1), dtype=jnp.float64):

@@ -81,7 +81,7 @@ def test_every_valid_shape_runs(num_tasks, support, query, dim, steps):
 @given(support_tasks=st.integers(1, 5), query_tasks=st.integers(1, 5))
 def test_mismatched_task_axes_are_rejected(support_tasks, query_tasks):
     tasks = helpers.linear_tasks(jax.random.key(0), max(support_tasks, query_tasks))
-    bad = maml_jax.Task(
+    bad = maml_jax.TaskBatch(
         support=jax.tree.map(lambda x: x[:support_tasks], tasks.support),
         query=jax.tree.map(lambda x: x[:query_tasks], tasks.query),
     )
@@ -208,7 +208,7 @@ def test_sample_episodes_rejects_bad_data_shapes(bad):
 
 
 def _with_examples(tasks, num_support, num_query):
-    return maml_jax.Task(
+    return maml_jax.TaskBatch(
         support=jax.tree.map(lambda x: x[:, :num_support], tasks.support),
         query=jax.tree.map(lambda x: x[:, :num_query], tasks.query),
     )
@@ -229,7 +229,7 @@ def _protonet_setup():
     learner = maml_jax.protonet(lambda p, x: x @ p, ways=2)
     x = jax.random.normal(jax.random.key(0), (3, 4, 3))
     labels = jnp.tile(jnp.array([0, 1, 0, 1]), (3, 1))
-    return learner, jnp.eye(3), maml_jax.Task((x, labels), (x, labels))
+    return learner, jnp.eye(3), maml_jax.TaskBatch((x, labels), (x, labels))
 
 
 LEARNER_SETUPS = {

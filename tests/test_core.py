@@ -12,7 +12,7 @@ from absl.testing import parameterized
 from jax.test_util import check_grads
 
 import maml_jax
-from maml_jax import Task, core
+from maml_jax import Task, TaskBatch, core
 from tests import helpers
 
 ALPHA = 0.05
@@ -238,7 +238,7 @@ def test_vmap_over_tasks_equals_python_loop():
 def test_batching_strategies_give_the_same_result(batching, chunk_size):
     tasks = _tasks(num_tasks=6)
     params = helpers.mlp_params(jax.random.key(7), sizes=(3, 5, 1))
-    tasks = Task(
+    tasks = TaskBatch(
         support=(tasks.support[0], tasks.support[1][..., None]),
         query=(tasks.query[0], tasks.query[1][..., None]),
     )
@@ -304,7 +304,7 @@ def test_compile_time_does_not_grow_with_inner_steps():
             helpers.mlp_loss, inner_lr=0.1, num_inner_steps=num_steps
         )
         params = helpers.mlp_params(jax.random.key(0), sizes=(3, 4, 1))
-        batch = Task(
+        batch = TaskBatch(
             support=(tasks.support[0], tasks.support[1][..., None]),
             query=(tasks.query[0], tasks.query[1][..., None]),
         )
@@ -324,7 +324,8 @@ def _learner(**kwargs):
 
 def test_support_and_query_structures_must_match():
     tasks = _tasks()
-    bad = Task(support=tasks.support, query={"x": tasks.query[0], "y": tasks.query[1]})
+    query = {"x": tasks.query[0], "y": tasks.query[1]}
+    bad = TaskBatch(support=tasks.support, query=query)
     with pytest.raises(ValueError, match="same pytree structure"):
         maml_jax.meta_value_and_grad(_learner(), _w0(), bad)
     with pytest.raises(ValueError, match="same pytree structure"):
@@ -333,26 +334,28 @@ def test_support_and_query_structures_must_match():
 
 def test_missing_task_axis_is_reported():
     single = helpers.task_at(_tasks(), 0)
-    mixed = Task(support=single.support, query=_tasks().query)
+    mixed = TaskBatch(support=single.support, query=_tasks().query)
     with pytest.raises(ValueError, match="leading task axis"):
         maml_jax.meta_value_and_grad(_learner(), _w0(), mixed)
-    scalars = Task(support=(1.0, 2.0), query=(1.0, 2.0))
+    scalars = TaskBatch(support=(1.0, 2.0), query=(1.0, 2.0))
     with pytest.raises(ValueError, match="leading task axis"):
         maml_jax.meta_value_and_grad(_learner(), _w0(), scalars)
 
 
 def test_task_axes_of_different_lengths_are_reported():
     tasks = _tasks(num_tasks=4)
-    short = Task(
+    short = TaskBatch(
         support=tasks.support, query=jax.tree.map(lambda x: x[:3], tasks.query)
     )
     with pytest.raises(ValueError, match="same leading task axis length"):
         maml_jax.meta_value_and_grad(_learner(), _w0(), short)
 
 
-def test_tasks_must_be_a_task():
-    with pytest.raises(TypeError, match="Task"):
+def test_tasks_must_be_a_task_batch():
+    with pytest.raises(TypeError, match="expects a maml_jax.TaskBatch"):
         maml_jax.meta_value_and_grad(_learner(), _w0(), ((1.0,), (2.0,)))
+    with pytest.raises(TypeError, match="got a single Task"):
+        maml_jax.meta_value_and_grad(_learner(), _w0(), helpers.task_at(_tasks(), 0))
 
 
 @pytest.mark.parametrize("steps", [0, -1])
@@ -400,7 +403,7 @@ def test_tuple_loss_without_has_aux_is_reported():
     params = helpers.mlp_params(jax.random.key(0))
     x = jnp.ones((1, 4, 1))
     with pytest.raises(TypeError, match="pass has_aux=True"):
-        maml_jax.meta_value_and_grad(learner, params, Task((x, x), (x, x)))
+        maml_jax.meta_value_and_grad(learner, params, TaskBatch((x, x), (x, x)))
 
 
 def test_unknown_batching_and_bad_chunk_size_are_reported():

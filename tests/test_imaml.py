@@ -11,7 +11,7 @@ from jax.flatten_util import ravel_pytree
 from jax.test_util import check_grads
 
 import maml_jax
-from maml_jax import Task
+from maml_jax import Task, TaskBatch
 from maml_jax.learners.imaml import _conjugate_gradient, imaml
 from tests import helpers
 
@@ -270,7 +270,7 @@ def test_vmap_over_tasks_equals_python_loop_and_jit_equals_no_jit():
 
 def test_grad_tree_matches_params_and_is_finite():
     tasks = _tasks(num_tasks=3)
-    tasks = Task(
+    tasks = TaskBatch(
         support=(tasks.support[0], tasks.support[1][..., None]),
         query=(tasks.query[0], tasks.query[1][..., None]),
     )

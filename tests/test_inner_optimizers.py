@@ -20,7 +20,7 @@ def _tasks(seed=0):
     x = jax.random.uniform(k1, (NUM_TASKS, 2, 10, 1), jnp.float64, -2, 2)
     phase = jax.random.uniform(k2, (NUM_TASKS, 1, 1, 1), jnp.float64, 0, 3)
     y = jnp.sin(x + phase)
-    return maml_jax.Task(support=(x[:, 0], y[:, 0]), query=(x[:, 1], y[:, 1]))
+    return maml_jax.TaskBatch(support=(x[:, 0], y[:, 0]), query=(x[:, 1], y[:, 1]))
 
 
 def _params(seed=0):

@@ -44,7 +44,9 @@ def _clusters_setup():
             query=(flat(points, shots, None), flat(labels, shots, None)),
         )
 
-    sampler = lambda key: jax.vmap(sample_task)(jax.random.split(key, NUM_TASKS))
+    sampler = lambda key: maml_jax.TaskBatch(
+        *jax.vmap(sample_task)(jax.random.split(key, NUM_TASKS))
+    )
     params = {"w": 0.3 * jax.random.normal(jax.random.key(0), (dim, 8))}
     embed = lambda p, x: jnp.tanh(x @ p["w"])
     return embed, params, sampler
@@ -135,10 +137,7 @@ def test_vmap_over_tasks_equals_loop(name):
         lambda mp, t: maml_jax.meta_value_and_grad(learner, mp, t)
     )(meta_params, tasks)
     one = jax.jit(jax.value_and_grad(lambda mp, t: learner.meta_loss(mp, t)[0]))
-    per_task = [
-        one(meta_params, jax.tree.map(lambda x, i=i: x[i], tasks))
-        for i in range(NUM_TASKS)
-    ]
+    per_task = [one(meta_params, task) for task in maml_jax.unstack_tasks(tasks)]
     np.testing.assert_allclose(loss, np.mean([l for l, _ in per_task]), rtol=1e-5)
     mean_grads = jax.tree.map(lambda *g: sum(g) / NUM_TASKS, *[g for _, g in per_task])
     chex.assert_trees_all_close(grads, mean_grads, rtol=1e-4, atol=1e-6)
@@ -186,7 +185,7 @@ def test_query_loss_after_adaptation_decreases(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_adaptation_curve_shapes(name):
     learner, params, _ = _built(name)
-    task = jax.tree.map(lambda x: x[0], _tasks(name))
+    task = maml_jax.unstack_tasks(_tasks(name))[0]
     curve = jax.jit(learner.adaptation_curve, static_argnums=2)(
         learner.init(params), task, 3
     )
@@ -208,7 +207,7 @@ def test_adapt_returns_model_params_below_at_and_above_the_trained_steps(name):
     is the adaptation curve's at step K (ProtoNets: the parameters, unchanged)."""
     learner, params, _ = _built(name)
     meta_params = learner.init(params)
-    task = jax.tree.map(lambda x: x[0], _tasks(name))
+    task = maml_jax.unstack_tasks(_tasks(name))[0]
     trained = TRAINED_STEPS[name]
     max_steps = trained + 3
     curve = jax.jit(learner.adaptation_curve, static_argnums=2)(
@@ -233,7 +232,7 @@ def test_adapt_returns_model_params_below_at_and_above_the_trained_steps(name):
 def test_predict_runs_the_adapted_learner(name):
     learner, params, _ = _built(name)
     meta_params = learner.init(params)
-    task = jax.tree.map(lambda x: x[0], _tasks(name))
+    task = maml_jax.unstack_tasks(_tasks(name))[0]
     inputs = task.query[0]
     if name == "protonet":
         logits = maml_jax.predict(learner, meta_params, task.support, inputs)
@@ -253,7 +252,7 @@ def test_predict_runs_the_adapted_learner(name):
 def test_meta_loss_takes_the_outer_step(name):
     learner, params, _ = _built(name)
     meta_params = learner.init(params)
-    task = jax.tree.map(lambda x: x[0], _tasks(name))
+    task = maml_jax.unstack_tasks(_tasks(name))[0]
     loss_0, _ = learner.meta_loss(meta_params, task, outer_step=jnp.int32(0))
     loss_late, _ = learner.meta_loss(meta_params, task, outer_step=jnp.int32(10**6))
     if name == "maml_plus_plus":  # the multi-step loss anneals to the last step
@@ -295,7 +294,7 @@ def test_options_a_learner_cannot_honour_say_why(factory, kwargs, match):
 
 def test_anil_takes_a_rate_pytree():
     loss_fn, params, sampler = _sinusoid_setup()
-    task = jax.tree.map(lambda x: x[0], sampler(jax.random.key(0)))
+    task = maml_jax.unstack_tasks(sampler(jax.random.key(0)))[0]
     rates = jax.tree.map(lambda _: 0.01, params)
     by_tree = maml_jax.anil(
         loss_fn, inner_lr=rates, num_inner_steps=2, adapt_mask=_head_only

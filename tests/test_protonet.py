@@ -12,7 +12,7 @@ import pytest
 from jax.test_util import check_grads
 
 import maml_jax
-from maml_jax import Task, class_prototypes, protonet, prototype_logits
+from maml_jax import Task, TaskBatch, class_prototypes, protonet, prototype_logits
 from tests import helpers
 
 WAYS, SHOTS, QUERIES, DIM, EMBED = 4, 3, 5, 6, 5
@@ -55,7 +55,7 @@ def cluster_tasks(
 
         return Task(support=points(ks, shots), query=points(kq, queries))
 
-    return jax.vmap(one)(jax.random.split(key, num_tasks))
+    return TaskBatch(*jax.vmap(one)(jax.random.split(key, num_tasks)))
 
 
 def _tasks(seed=0):

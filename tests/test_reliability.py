@@ -58,7 +58,7 @@ def _sample(key):
     (xs, ys), (xq, yq) = tasks.support, tasks.query
     yq = jnp.where(_flag(key, NAN_LOSS), jnp.nan, yq)
     g = jnp.where(_flag(key, NAN_GRAD), 0.0, jnp.ones_like(yq))
-    return maml_jax.Task(support=(xs, ys, jnp.ones_like(ys)), query=(xq, yq, g))
+    return maml_jax.TaskBatch(support=(xs, ys, jnp.ones_like(ys)), query=(xq, yq, g))
 
 
 # One sampler, learner and optimizer for all tests: the jitted programs are shared.

@@ -84,6 +84,10 @@ for n in (1, 2, 4, 8):
         "scan_step": int(scan_state.step),
         "compiles": step.jitted._cache_size(),
         "scan_compiles": run._cache_size(),
+        "placed_type": type(placed).__name__,
+        "sampled_type": type(
+            jax.eval_shape(sharding.shard_sampler(sample, mesh), key)
+        ).__name__,
         "shard_rows": [s.data.shape[0] for s in placed.query[0].addressable_shards],
         "shard_devices": len(placed.query[0].sharding.device_set),
         "state_replicated": all(
@@ -230,6 +234,7 @@ def test_sharded_step_equals_unsharded(eight_devices, num_devices):
 @pytest.mark.parametrize("num_devices", [2, 4, 8])
 def test_tasks_are_split_and_gradients_all_reduced(eight_devices, num_devices):
     run = eight_devices["runs"][str(num_devices)]
+    assert run["placed_type"] == run["sampled_type"] == "TaskBatch"
     assert run["shard_devices"] == num_devices
     assert run["shard_rows"] == [8 // num_devices] * num_devices
     assert run["step_all_reduce"] and not run["step_all_gather"]
@@ -283,6 +288,9 @@ def test_single_device_in_process(key):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=0)
     assert sharding.is_primary()
     assert sharding.local_task_slice(mesh, 4) == slice(0, 4)
+    assert type(sharding.shard_tasks(tasks, mesh)) is maml_jax.TaskBatch
+    with pytest.raises(TypeError, match="shard_tasks got a single Task"):
+        sharding.shard_tasks(maml_jax.unstack_tasks(tasks)[0], mesh)
 
 
 def test_initialize_distributed_rejects_partial_configuration(monkeypatch):

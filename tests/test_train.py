@@ -127,6 +127,14 @@ def test_fit_is_bit_identical_for_any_chunking(monkeypatch, presample):
         chex.assert_trees_all_equal(finals[0], other)  # bit for bit
 
 
+def test_fit_refuses_a_sampler_of_single_tasks():
+    state, _ = _setup()
+    one_task = lambda key: maml_jax.unstack_tasks(_sampler(key))[0]
+    match = r"fit: sample_tasks\(key\) got a single Task.*stack_tasks"
+    with pytest.raises(TypeError, match=match):
+        maml_jax.fit(state, one_task, key=jax.random.key(0), num_steps=1)
+
+
 def test_fit_chunks_end_where_evaluation_or_a_stop_is_due():
     ends, evaluated = [], []
     state, _ = _setup()

@@ -56,7 +56,7 @@ import maml_jax  # noqa: E402
 from benchmarks import throughput  # noqa: E402
 from benchmarks.peers import export, run_peer, torch_models  # noqa: E402
 from benchmarks.peers.common import OMNIGLOT_DIR, PEERS, Exported  # noqa: E402
-from maml_jax.types import Task  # noqa: E402
+from maml_jax.types import TaskBatch  # noqa: E402
 
 OMNIGLOT = "omniglot-5w1s-q15-maxpool"
 NUM_TASKS = 4  # of the 32 in a meta-batch (the test's time is mostly our compiles)
@@ -121,7 +121,7 @@ def _meta_gradient(
         for part in outer:
             d = d.setdefault(part, {})
         d[leaf] = cast(v)
-    tasks = Task(
+    tasks = TaskBatch(
         support=(cast(e.support_x[0]), jax.numpy.asarray(e.support_y[0])),
         query=(cast(e.query_x[0]), jax.numpy.asarray(e.query_y[0])),
     )

@@ -274,7 +274,7 @@ def plot(path, apply_fn, results_params, learners, args, inner_lr):
     grid = jnp.linspace(-5, 5, 200)[None, :, None]
     for col, shots in enumerate(shots_list):
         task = maml_jax.sinusoid_tasks(key, sines, shots, 1)
-        task = jax.tree.map(lambda x: x[0], task)
+        task = maml_jax.unstack_tasks(task)[0]
         for row, (name, meta_params) in enumerate(results_params.items()):
             ax = axes[row, col]
             ax.plot(
