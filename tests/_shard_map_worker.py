@@ -56,10 +56,10 @@ def sinusoid_tasks(seed: int = 1, num_support: int = 5, num_query: int = 5):
         x = rng.uniform(-5.0, 5.0, (NUM_TASKS, n, 1))
         return jnp.asarray(x), jnp.asarray(amplitude * np.sin(x - phase))
 
-    return maml_jax.Task(batch(num_support), batch(num_query))
+    return maml_jax.TaskBatch(batch(num_support), batch(num_query))
 
 
-def cluster_tasks(seed: int = 2) -> maml_jax.Task:
+def cluster_tasks(seed: int = 2) -> maml_jax.TaskBatch:
     """Gaussian-cluster ``WAYS``-way tasks with labels grouped by class."""
     rng = np.random.default_rng(seed)
     centres = 2.0 * rng.standard_normal((NUM_TASKS, WAYS, 1, DIM))
@@ -69,7 +69,7 @@ def cluster_tasks(seed: int = 2) -> maml_jax.Task:
         labels = np.broadcast_to(np.repeat(np.arange(WAYS), n), (NUM_TASKS, WAYS * n))
         return jnp.asarray(x.reshape(NUM_TASKS, WAYS * n, DIM)), jnp.asarray(labels)
 
-    return maml_jax.Task(batch(SHOTS), batch(QUERIES))
+    return maml_jax.TaskBatch(batch(SHOTS), batch(QUERIES))
 
 
 def mlp_params(sizes: tuple[int, ...], seed: int = 0) -> list[dict]:
@@ -154,7 +154,9 @@ def grad_of_pmean(name: str):
     learner, params, tasks = learner_and_data(name)
 
     def mean_loss(mp, tasks):
-        losses, _ = jax.vmap(learner.meta_loss, in_axes=(None, 0))(mp, tasks)
+        losses, _ = jax.vmap(
+            lambda mp, t: learner.meta_loss(mp, maml_jax.Task(*t)), in_axes=(None, 0)
+        )(mp, tasks)
         return jnp.mean(losses)
 
     def per_device(mp, tasks):

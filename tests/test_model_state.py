@@ -70,14 +70,14 @@ def make_tasks(key, num_tasks=4, shots=5, queries=7, dtype=jnp.float64):
     amp = jax.random.uniform(ks[0], (num_tasks, 1, 1), dtype, 0.5, 2.0)
     xs = jax.random.uniform(ks[1], (num_tasks, shots, 1), dtype, -3, 3)
     xq = jax.random.uniform(ks[2], (num_tasks, queries, 1), dtype, -3, 3)
-    return maml_jax.Task(
+    return maml_jax.TaskBatch(
         support=(xs, (amp * jnp.sin(xs))[..., 0]),
         query=(xq, (amp * jnp.sin(xq))[..., 0]),
     )
 
 
 def one_task(tasks, i=0):
-    return jax.tree.map(lambda x: x[i], tasks)
+    return maml_jax.Task(*jax.tree.map(lambda x: x[i], tasks))
 
 
 def reference_meta_loss(
@@ -364,7 +364,9 @@ def test_vmap_of_meta_loss_equals_a_loop_over_tasks():
         stateful_loss, inner_lr=ALPHA, num_inner_steps=K, has_state=True
     )
     meta_loss = functools.partial(learner.meta_loss, state=state)
-    batched = jax.vmap(meta_loss, in_axes=(None, 0))(theta, tasks)
+    batched = jax.vmap(
+        lambda t, task: meta_loss(t, maml_jax.Task(*task)), in_axes=(None, 0)
+    )(theta, tasks)
     looped = [meta_loss(theta, one_task(tasks, i)) for i in range(4)]
     chex.assert_trees_all_close(
         batched, jax.tree.map(lambda *x: jnp.stack(x), *looped), rtol=1e-12
@@ -385,7 +387,7 @@ def test_protonet_threads_state_through_support_and_query():
     ways, shots = 2, 3
     x = jax.random.normal(jax.random.key(3), (2, ways * shots, 1), jnp.float64)
     labels = jnp.tile(jnp.arange(ways), shots)
-    tasks = maml_jax.Task(
+    tasks = maml_jax.TaskBatch(
         support=(x, jnp.stack([labels, labels])),
         query=(x * 1.1, jnp.stack([labels] * 2)),
     )
@@ -428,7 +430,7 @@ def _per_step_setup(k=2):
     key = jax.random.key(5)
     x = jax.random.normal(key, (2, 6, 12, 12, 1), jnp.float32)
     labels = jnp.tile(jnp.arange(3), 2)
-    tasks = maml_jax.Task(
+    tasks = maml_jax.TaskBatch(
         support=(x, jnp.stack([labels, labels])),
         query=(x[:, ::-1] * 0.7, jnp.stack([labels, labels])),
     )

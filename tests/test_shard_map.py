@@ -119,7 +119,7 @@ def _one_device_mesh():
 def test_cast_is_identity_outside_shard_map():
     w = jnp.zeros(3)
     batch = (jnp.ones((4, 6, 3)), jnp.ones((4, 6)))
-    tasks = maml_jax.Task(batch, batch)
+    tasks = maml_jax.TaskBatch(batch, batch)
 
     def unchanged(p, t):
         assert _varying.like_data(p, t) is p
