@@ -2,10 +2,10 @@
 
 The map ``θ → φ*(θ)`` is a ``jax.custom_vjp``: its forward pass runs the inner
 optimizer on the proximal support objective (``core.inner_loop``, never
-differentiated), and its backward pass solves ``(I + H_S(φ*)/λ) v = g`` by
-conjugate gradient on forward-over-reverse Hessian-vector products. Memory
-therefore does not depend on the number of inner steps, and no Hessian is ever
-materialised.
+differentiated; a step that would increase that objective is halved instead),
+and its backward pass solves ``(I + H_S(φ*)/λ) v = g`` by conjugate gradient on
+forward-over-reverse Hessian-vector products. Memory therefore does not depend
+on the number of inner steps, and no Hessian is ever materialised.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -44,7 +44,8 @@ def imaml(
     ``φ*(θ) = argmin_φ  L_S(φ) + (λ/2) ‖φ − θ‖²``
 
     by ``K`` steps of the inner optimizer from ``φ_0 = θ`` (with ``inner_lr=α``:
-    ``φ_{k+1} = φ_k − α (∇L_S(φ_k) + λ (φ_k − θ))``). The meta-loss is
+    ``φ_{k+1} = φ_k − α (∇L_S(φ_k) + λ (φ_k − θ))``), safeguarded so that no
+    step increases the proximal objective (below). The meta-loss is
     ``L_Q(φ*)``. Stationarity, ``∇L_S(φ*) + λ (φ* − θ) = 0``, gives by the
     implicit function theorem ``dφ*/dθ = (I + H_S(φ*)/λ)^{-1}`` (symmetric), so
 
@@ -66,13 +67,28 @@ def imaml(
     as in Newton–CG), returning ``∇L_Q(φ*)`` if that happens at the first
     iteration, rather than diverging.
 
+    The implicit meta-gradient assumes the inner solve converged and cannot see
+    how hard that was, and at ``φ*`` the support gradient along a direction of
+    curvature ``h`` is a fraction ``λ/(λ + h)`` of its value at ``θ`` (for a
+    quadratic support loss), so meta-training can sharpen the support loss
+    without bound. Gradient descent with a fixed ``α`` is stable only while
+    ``α (λ + λ_max(H_S)) < 2``, so a fixed step can be outgrown (on the MAML
+    sinusoids within a few thousand meta-steps, after which the inner solve
+    diverged; benchmarks/CHANGELOG.md, 2026-11-30). The inner solve therefore
+    never takes a step that would increase ``L_S(φ) + (λ/2) ‖φ − θ‖²`` (beyond
+    rounding): it halves the step (the inner optimizer's update) instead, for
+    the rest of that task's solve. Until a step is rejected the solve is the
+    plain optimizer's, bit for bit; the check costs one more support-loss
+    evaluation per step.
+
     Args:
       loss_fn: ``loss_fn(params, batch) -> loss`` (or ``(loss, aux)`` with
         ``has_aux=True``; aux values are reported before and after adaptation).
       inner_lr: ``α``: a positive scalar, or a pytree matching ``params`` with a
         scalar or parameter-shaped leaf per parameter. Gradient descent on the
-        proximal objective converges for ``α < 2 / (‖H_S‖ + λ)``. It is a
-        constant of the learner, not differentiated.
+        proximal objective converges for ``α < 2 / (‖H_S‖ + λ)``; beyond that
+        the safeguard halves it per task. It is a constant of the learner, not
+        differentiated.
       inner_optimizer: an optax transformation instead of ``inner_lr``.
       num_inner_steps: ``K >= 1``, the inner steps used in ``adapt`` and
         ``meta_loss``. The inner loop is a ``lax.scan``: compile time does not
@@ -80,7 +96,7 @@ def imaml(
       reg_lambda: ``λ > 0``, the strength of the proximal term pulling ``φ``
         towards ``θ``. Larger ``λ`` keeps ``φ*`` closer to ``θ`` and makes the
         linear system better conditioned. Choose it on the scale of ``H_S``:
-        for the MAML sinusoids (MSE, amplitudes up to 5) ``H_S`` has
+        for the MAML sinusoids (MSE, amplitudes up to 5) ``H_S`` starts with
         eigenvalues from about −100 to a few hundred, so ``λ ≈ 100`` with
         ``α ≈ 1e-3``; for cross-entropy losses values of order 1 are typical.
       cg_steps: conjugate-gradient iterations (fixed count, ``>= 1``); ``n``
@@ -198,11 +214,14 @@ def imaml(
 
     def adaptation_curve(meta_params: Params, task: Task, num_steps: int) -> Aux:
         _validation.check_lr_matches_params("inner_lr", inner_lr, meta_params)
+        objective = _proximal_objective(
+            loss_fn, meta_params, task.support, reg_lambda, has_aux
+        )
         return core.adaptation_curve(
             _proximal_loss(loss_fn, meta_params, reg_lambda, has_aux),
             meta_params,
             task,
-            optimizer=optimizer,
+            optimizer=_monotone(optimizer, objective),
             num_steps=num_steps,
             has_aux=has_aux,
         )
@@ -233,7 +252,10 @@ def _implicit_proximal_solve(
             proximal,
             theta,
             support,
-            optimizer=optimizer,
+            optimizer=_monotone(
+                optimizer,
+                _proximal_objective(loss_fn, theta, support, reg_lambda, has_aux),
+            ),
             num_steps=num_steps,
             has_aux=has_aux,
         )
@@ -299,6 +321,59 @@ def _conjugate_gradient(
     init = (zeros, b, b, rs, jnp.zeros((), bool))
     (x, *_), _ = jax.lax.scan(step, init, jnp.arange(num_steps))
     return x
+
+
+class _MonotoneState(NamedTuple):
+    inner: Any  # the wrapped optimizer's state
+    scale: jax.Array  # s: the factor on its updates, halved at each rejected step
+    value: jax.Array  # the objective at the current iterate
+
+
+def _monotone(
+    optimizer: optax.GradientTransformation, objective: Callable[[Params], jax.Array]
+) -> optax.GradientTransformation:
+    """``optimizer`` with step halving: it never increases ``objective``.
+
+    The update is ``s·u`` with ``u`` the wrapped optimizer's (``s = 1`` at first).
+    If ``objective`` at ``φ + s·u`` exceeds its value ``f`` at ``φ`` by more than
+    ``√ε·|f|`` (rounding, ``ε`` the dtype's epsilon), or is NaN, the step is not
+    taken, the wrapped optimizer's state is left as it was, and ``s`` halves for
+    the rest of the solve, so the next step retries half as far. Until a step is
+    rejected the updates are the wrapped optimizer's, bit for bit. Costs one more
+    evaluation of the objective per step.
+    """
+
+    def init(params: Params) -> _MonotoneState:
+        return _MonotoneState(optimizer.init(params), jnp.ones(()), objective(params))
+
+    def update(grads: Params, state: _MonotoneState, params: Params):
+        updates, inner = optimizer.update(grads, state.inner, params)
+        updates = jax.tree.map(lambda u: jnp.asarray(state.scale, u.dtype) * u, updates)
+        value = objective(optax.apply_updates(params, updates))
+        # Near the solution both values agree to rounding, which is no increase.
+        slack = jnp.sqrt(jnp.finfo(value.dtype).eps) * jnp.abs(state.value)
+        accept = value <= state.value + slack  # False for NaN
+        zeros = jax.tree.map(jnp.zeros_like, updates)
+        return _tree_where(accept, updates, zeros), _MonotoneState(
+            _tree_where(accept, inner, state.inner),
+            jnp.where(accept, state.scale, state.scale / 2),
+            jnp.where(accept, value, state.value),
+        )
+
+    return optax.GradientTransformation(init, update)
+
+
+def _proximal_objective(
+    loss_fn: LossFn, theta: Params, support: Batch, reg_lambda: float, has_aux: bool
+) -> Callable[[Params], jax.Array]:
+    """``φ -> L_S(φ) + (λ/2) ‖φ − θ‖²``, the value the inner solve minimises."""
+
+    def objective(params: Params) -> jax.Array:
+        value, _ = core.loss_and_aux(loss_fn, params, support, has_aux=has_aux)
+        sq = jax.tree.map(lambda p, t: jnp.sum((p - t) ** 2), params, theta)
+        return value + 0.5 * reg_lambda * sum(jax.tree.leaves(sq))
+
+    return objective
 
 
 def _proximal_loss(
