@@ -1,4 +1,10 @@
-"""Every script in examples/ runs its --smoke mode and prints a final loss."""
+"""Every script in examples/ runs its --smoke mode and prints a final loss.
+
+Scripts that take ``--data-dir`` (Omniglot examples) get the shared Omniglot
+folder, as every test that needs real data does (missing: a skip, or under
+``CI=true`` a failure), and the session's dataset cache, so that the archives
+are decoded once for all of them.
+"""
 
 import math
 import os
@@ -15,12 +21,22 @@ EXAMPLES = sorted((ROOT / "examples").glob("*.py"))
 
 def test_examples_exist():
     names = {path.name for path in EXAMPLES}
-    assert {"plain_function_model.py", "equinox_mlp.py"} <= names
+    assert {
+        "plain_function_model.py",
+        "equinox_mlp.py",
+        "linen_batchnorm_cnn.py",
+        "nnx_batchnorm_cnn.py",
+    } <= names
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script", EXAMPLES, ids=lambda path: path.stem)
-def test_example_smoke(script):
+def test_example_smoke(script, request):
+    args = [sys.executable, str(script), "--smoke"]
+    if "--data-dir" in script.read_text():
+        omniglot_dir = request.getfixturevalue("omniglot_dir")
+        request.getfixturevalue("dataset_cache")  # sets MAML_JAX_CACHE_DIR
+        args += ["--data-dir", str(omniglot_dir)]
     # The script's folder, not the repository, heads sys.path: point it at this
     # checkout's maml_jax rather than whichever one is installed.
     env = {
@@ -30,7 +46,7 @@ def test_example_smoke(script):
         ),
     }
     done = subprocess.run(
-        [sys.executable, str(script), "--smoke"],
+        args,
         capture_output=True,
         text=True,
         timeout=600,
