@@ -26,6 +26,7 @@ def test_examples_exist():
         "equinox_mlp.py",
         "linen_batchnorm_cnn.py",
         "nnx_batchnorm_cnn.py",
+        "shard_map_train_step.py",
     } <= names
 
 
