@@ -115,7 +115,7 @@ def test_memory_smoke(tmp_path):
     assert found["steps"] == 20 and found["probes"] >= 1
 
 
-@pytest.mark.slow
+@pytest.mark.benchmark
 def test_accelerator_check_smoke(omniglot_dir, dataset_cache, tmp_path):
     import os
 

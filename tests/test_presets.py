@@ -140,7 +140,7 @@ def test_runs_before_the_protocol_fields_still_load_and_resume(tmp_path):
     assert runs._config_dict(reptile)["inner_optimizer"] == "adam"
 
 
-@pytest.mark.slow
+@pytest.mark.benchmark
 @pytest.mark.parametrize("name", TRAINED)
 def test_family_preset_trains(name, omniglot_dir, dataset_cache, tmp_path):
     out = tmp_path / "run"

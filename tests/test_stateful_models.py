@@ -165,7 +165,7 @@ class Run:
         )
 
 
-@pytest.fixture(scope="module", params=["linen", "nnx", "equinox"])
+@pytest.fixture(scope="module", params=["linen", "nnx"])
 def run(request, omniglot):
     return Run(request.param, omniglot[0])
 
