@@ -234,6 +234,7 @@ def scan_train_steps(
     nonfinite: str = "raise",
     pre_adaptation_query: bool = False,
     presample: bool | None = None,
+    active_steps: int | jax.Array | None = None,
 ) -> tuple[MetaTrainState, Aux]:
     """``num_steps`` meta-updates in one compiled loop, sampling tasks on device.
 
@@ -253,6 +254,14 @@ def scan_train_steps(
     (``None``) presamples only when they fit in ``PRESAMPLE_MAX_BYTES``; pass
     ``False`` for a sampler that cannot be ``vmap``-ed.
 
+    ``active_steps`` (a traced int, ``0..num_steps``; default ``num_steps``) runs
+    only the first ``active_steps`` steps: the loop stops there, so the state is
+    exactly that after ``active_steps`` steps (parameters, optimizer state,
+    ``step``, ``skipped_steps``) and the metric rows of the steps not run are
+    zeros. One compiled program thus serves every chunk length up to
+    ``num_steps`` (``fit`` runs all its chunks so). Presampling still draws
+    ``num_steps`` batches.
+
     Returns:
       ``(new_state, metrics)`` with every metric stacked to shape ``(num_steps,)``.
     """
@@ -270,12 +279,13 @@ def scan_train_steps(
         presample = num_steps * _batch_bytes(sample_tasks, key) <= PRESAMPLE_MAX_BYTES
     if presample:
         keys = jax.vmap(step_key)(state.step + jnp.arange(num_steps))
-        return _scan(step, state, jax.vmap(sample_tasks)(keys), num_steps)
+        xs = jax.vmap(sample_tasks)(keys)
+        return _scan(step, state, xs, num_steps, active_steps)
     body = lambda state, _: step(state, sample_tasks(step_key(state.step)))
-    return _scan(body, state, None, num_steps)
+    return _scan(body, state, None, num_steps, active_steps)
 
 
-def _scan(f, init, xs, length: int):
+def _scan(f, init, xs, length: int, trips: int | jax.Array | None = None):
     """``lax.scan(f, init, xs, length=length)`` in a loop XLA cannot see the length of.
 
     XLA compiles a loop whose trip count it knows according to that count (a
@@ -283,9 +293,11 @@ def _scan(f, init, xs, length: int):
     step's float results can then differ in the last bits from one length to
     another. The trip count here is hidden behind an optimization barrier, so
     every length runs the same loop body and a run is bit-identical however it
-    is split into calls.
+    is split into calls. ``trips`` (default ``length``, at most ``length``)
+    stops the loop early: the outputs of the iterations not run stay zeros.
     """
-    trips = jax.lax.optimization_barrier(jnp.asarray(length, jnp.int32))
+    trips = length if trips is None else jnp.minimum(trips, length)
+    trips = jax.lax.optimization_barrier(jnp.asarray(trips, jnp.int32))
     x_at = lambda i: jax.tree.map(lambda x: x[i], xs)
     x_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), xs)
     _, y_shapes = jax.eval_shape(f, init, x_shapes)
@@ -342,12 +354,22 @@ def fit(
     from ``fold_in(key, s)`` and every chunk runs the same step program, so any
     ``steps_per_call`` gives the same parameters, bit for bit (tested on CPU);
     it trades host round trips against how soon callbacks (and a stop) come.
-    Each distinct chunk length compiles its own program once, so keep the
-    periods few: with one period ``p`` and longest chunk ``c`` the lengths are
-    ``c``, ``p % c`` and those of a first and a last chunk off the grid. Small
-    task batches (see ``PRESAMPLE_MIN_STEPS``) are sampled for a whole chunk
-    before its loop; the longest chunk is then also bounded by
+    Small task batches (see ``PRESAMPLE_MIN_STEPS``) are sampled for a whole
+    chunk before its loop; the longest chunk is then also bounded by
     ``PRESAMPLE_MAX_BYTES`` of tasks.
+
+    Compilation: every chunk of a ``fit`` call runs one compiled program, made
+    for the longest chunk the call can run (``steps_per_call``, bounded by the
+    steps left and the shortest period); a shorter chunk (the last one, one cut
+    at a period) runs it with its trailing steps not run (see ``active_steps``
+    in ``scan_train_steps``). The program is reused by later calls with equal
+    static inputs and recompiled when any changes: the sampler (a new function
+    object is a new program, even with the same code: build it once; equal
+    ``functools.partial`` objects of one function with equal hashable
+    arguments count as the same), the shapes or dtypes of the state or the
+    sampled tasks, the learner, ``tx``, ``batching``, ``chunk_size``,
+    ``nonfinite``, ``pre_adaptation_query``, and the program length (a new
+    ``steps_per_call`` or shortest period, or fewer steps left than those).
 
     A step is non-finite when its meta-loss or the norm of its meta-gradient is
     NaN or ±inf. With ``nonfinite="raise"`` the chunk holding one raises
@@ -360,7 +382,8 @@ def fit(
 
     Args:
       state: the starting state; training continues from ``state.step``.
-      sample_tasks: ``key -> TaskBatch``, traced into the step.
+      sample_tasks: ``key -> TaskBatch``, traced into the step (a static
+        argument of the compiled chunk: see "Compilation" above).
       key: the run's PRNG key; step ``s`` uses ``fold_in(key, s)``.
       num_steps: total number of meta-updates (not the number still to run).
       steps_per_call: the most meta-steps per host call (performance only).
@@ -417,6 +440,10 @@ def fit(
     max_chunk = steps_per_call
     if presample:
         max_chunk = min(max_chunk, PRESAMPLE_MAX_BYTES // batch_bytes)
+    # No chunk is longer than this (a chunk ends at every period); shorter
+    # chunks run the same program with fewer active steps.
+    program_length = min(max_chunk, max(1, num_steps - int(state.step)), *periods)
+    sampler = _StaticSampler(sample_tasks)
     log = open(metrics_path, "a") if metrics_path is not None else None  # noqa: SIM115
     bar = _fit_log.progress_bar(progress, int(state.step), num_steps)
     try:
@@ -427,13 +454,14 @@ def fit(
             state, metrics = _scan_train_steps_jit(
                 state,
                 key,
-                sample_tasks,
-                chunk,
+                sampler,
+                program_length,
                 nonfinite,
                 bool(pre_adaptation_query),
                 presample,
+                np.int32(chunk),
             )
-            metrics = jax.device_get(metrics)
+            metrics = {k: v[:chunk] for k, v in jax.device_get(metrics).items()}
             seconds = time.perf_counter() - t0
             step = int(state.step)
             if nonfinite == "raise":
@@ -487,7 +515,14 @@ def _check_nonfinite(nonfinite: str) -> None:
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6), donate_argnums=0)
 def _scan_train_steps_jit(
-    state, key, sample_tasks, num_steps, nonfinite, pre_adaptation_query, presample
+    state,
+    key,
+    sample_tasks,
+    num_steps,
+    nonfinite,
+    pre_adaptation_query,
+    presample,
+    active_steps,
 ):
     return scan_train_steps(
         state,
@@ -497,7 +532,40 @@ def _scan_train_steps_jit(
         nonfinite=nonfinite,
         pre_adaptation_query=pre_adaptation_query,
         presample=presample,
+        active_steps=active_steps,
     )
+
+
+class _StaticSampler:
+    """``fit``'s sampler as the compiled chunk's static argument (jit compares
+    static arguments with ``==`` to find a compiled program).
+
+    Equal ``functools.partial`` objects (the same function; arguments of equal
+    types and values, all hashable) are equal and share a program; any other
+    sampler is compared by identity, as jit compares functions. Closures are
+    never compared by code: the values they capture can change unseen.
+    """
+
+    def __init__(self, fn: TaskSampler):
+        self.fn = fn
+        self._key: Any = fn
+        if type(fn) is functools.partial:
+            args = tuple((type(a), a) for a in fn.args)
+            kwargs = tuple(sorted((k, type(v), v) for k, v in fn.keywords.items()))
+            try:
+                hash((args, kwargs))
+                self._key = (fn.func, args, kwargs)
+            except TypeError:  # an array argument: compare by identity
+                pass
+
+    def __call__(self, key: jax.Array) -> TaskBatch:
+        return self.fn(key)
+
+    def __hash__(self) -> int:
+        return hash(self._key)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _StaticSampler) and self._key == other._key
 
 
 def _num_tasks(sample_tasks: TaskSampler, key: jax.Array) -> int:

@@ -97,6 +97,13 @@ def test_throughput_smoke(tmp_path):
     assert len((tmp_path / "t.jsonl").read_text().splitlines()) == 2
 
 
+def test_fit_compiles_smoke():
+    from benchmarks import fit_compiles
+
+    (row,) = fit_compiles.main(["--smoke"])  # chunks of 2 and 1: one program
+    assert row["chunk_compiles"] == 1 and row["backend_compile_s"] > 0
+
+
 def test_memory_smoke(tmp_path):
     from benchmarks import memory
 

@@ -365,8 +365,12 @@ def test_bad_tasks_are_reported():
 
 def test_task_axis_left_on_a_single_task_call_is_reported():
     tasks = _tasks()
+    learner = protonet(linear_embed, ways=WAYS)
+    with pytest.raises(TypeError, match="got a TaskBatch.*meta_value_and_grad"):
+        learner.meta_loss(_w(), tasks)
+    # A Task built with the task axis left on is caught by its shapes.
     with pytest.raises(ValueError, match="meta_value_and_grad"):
-        protonet(linear_embed, ways=WAYS).meta_loss(_w(), tasks)
+        learner.meta_loss(_w(), Task(*tasks))
 
 
 def test_embed_fn_with_wrong_output_rank_is_reported():

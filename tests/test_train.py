@@ -1,5 +1,6 @@
 """Tests for the train state, the jitted step, evaluation and ``fit``."""
 
+import functools
 import json
 
 import chex
@@ -125,6 +126,94 @@ def test_fit_is_bit_identical_for_any_chunking(monkeypatch, presample):
     assert chunk_ends[2:] == [list(range(1, 9)), [3, 5, 6, 8]]  # lengths 1, 3, 2
     for other in finals[1:]:
         chex.assert_trees_all_equal(finals[0], other)  # bit for bit
+
+
+def _fit_records(state, num_steps, steps_per_call, path, **kwargs):
+    state = maml_jax.fit(
+        state,
+        _sampler_f32,
+        key=jax.random.key(42),
+        num_steps=num_steps,
+        steps_per_call=steps_per_call,
+        metrics_path=path,
+        progress=False,
+        nonfinite="skip",
+        **kwargs,
+    )
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    for record in records:
+        del record["tasks_per_s"]  # a timing
+    return state, records
+
+
+def test_fit_runs_a_short_last_chunk_with_the_same_program_bit_identically(
+    tmp_path,
+):
+    template = _setup()[0]  # one learner and tx, so fit calls can share programs
+    fresh = lambda: jax.tree.map(jnp.copy, template)  # fit donates its state
+    train._scan_train_steps_jit.clear_cache()
+    # Chunks of 4, 4 and 2: the last runs the 4-step program with 2 steps active.
+    masked, masked_records = _fit_records(fresh(), 10, 4, tmp_path / "a.jsonl")
+    assert train._scan_train_steps_jit._cache_size() == 1
+    assert [r["step"] for r in masked_records] == [4, 8, 10]
+    # The same chunks, the last one a 2-step program with every step active.
+    part, _ = _fit_records(fresh(), 8, 4, tmp_path / "b.jsonl")
+    full, full_records = _fit_records(part, 10, 2, tmp_path / "b.jsonl")
+    assert train._scan_train_steps_jit._cache_size() == 2
+    chex.assert_trees_all_equal(masked, full)  # step, skipped_steps included
+    assert masked_records == full_records
+    assert int(masked.step) == 10 and int(masked.skipped_steps) == 0
+    # And unchunked, one step per call.
+    single, _ = _fit_records(fresh(), 10, 1, tmp_path / "c.jsonl")
+    chex.assert_trees_all_equal(masked, single)
+
+
+def test_steps_beyond_active_steps_do_not_run():
+    state, _ = _setup()
+    run = jax.jit(
+        lambda s, n, active: train.scan_train_steps(
+            s, jax.random.key(3), _sampler_f32, n, active_steps=active
+        ),
+        static_argnums=1,
+    )
+    ref_state, ref_metrics = run(state, 2, None)
+    new_state, metrics = run(state, 4, jnp.int32(2))
+    chex.assert_trees_all_equal(new_state, ref_state)
+    for name, values in metrics.items():
+        assert values.shape == (4,)
+        np.testing.assert_array_equal(values[:2], ref_metrics[name])
+        np.testing.assert_array_equal(values[2:], 0)
+    unchanged, _ = run(state, 4, jnp.int32(0))
+    chex.assert_trees_all_equal(unchanged, state)
+
+
+def test_fit_compiles_the_chunk_program_once_for_equal_samplers():
+    template = _setup()[0]
+    fresh = lambda: jax.tree.map(jnp.copy, template)
+    train._scan_train_steps_jit.clear_cache()
+    sampler = lambda: functools.partial(
+        maml_jax.sample_sinusoid_tasks, num_tasks=NUM_TASKS, num_support=K, num_query=K
+    )
+    for _ in range(2):  # a new but equal partial each time
+        maml_jax.fit(
+            fresh(),
+            sampler(),
+            key=jax.random.key(0),
+            num_steps=10,
+            steps_per_call=4,
+            progress=False,
+        )
+    assert train._scan_train_steps_jit._cache_size() == 1
+    # A new lambda is a new function object, so a new program (documented).
+    maml_jax.fit(
+        fresh(),
+        lambda key: sampler()(key),
+        key=jax.random.key(0),
+        num_steps=10,
+        steps_per_call=4,
+        progress=False,
+    )
+    assert train._scan_train_steps_jit._cache_size() == 2
 
 
 def test_fit_refuses_a_sampler_of_single_tasks():
