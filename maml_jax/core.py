@@ -165,6 +165,7 @@ def adaptation_curve(
     state: ModelState = None,
     has_state: bool = False,
     pass_inner_step: bool = False,
+    query_state: str = "start",
 ) -> Aux:
     """Support and query metrics after ``0, 1, ..., num_steps`` inner steps.
 
@@ -174,7 +175,9 @@ def adaptation_curve(
     the support set's batch statistics, as the inner loop was meta-trained to
     descend) and the query set is evaluated in inference mode at ``state`` (the
     running averages), so each query prediction depends on that example and
-    the support set only. The state is not updated.
+    the support set only. The state is not updated. ``query_state="support"``
+    evaluates the query set at the state the support pass at the same
+    parameters leaves instead (e.g. the support set's batch statistics).
 
     Returns:
       A dict of arrays of shape ``(num_steps + 1,)``: ``support_loss``,
@@ -194,8 +197,9 @@ def adaptation_curve(
 
     def metrics(p, _state=None, k=0):
         step = k if pass_inner_step else None
-        s_loss, _, _ = evaluate(p, task.support, step=step, training=True)
-        q_loss, q_aux, _ = evaluate(p, task.query, step=step)
+        s_loss, _, s_new = evaluate(p, task.support, step=step, training=True)
+        q_state = s_new if query_state == "support" else state
+        q_loss, q_aux, _ = evaluate(p, task.query, step=step, state=q_state)
         return {
             "support_loss": s_loss,
             "query_loss": q_loss,
@@ -244,13 +248,15 @@ def call_loss(
     has_state: bool = False,
     training: bool = True,
     step: Any = None,
+    stop_state_gradient: bool = True,
 ) -> tuple[jax.Array, Aux, ModelState]:
     """Calls a plain or stateful ``loss_fn`` and returns ``(loss, aux, new_state)``.
 
     A plain ``loss_fn(params, batch)`` leaves ``state`` as it is; a stateful one
     is called as ``loss_fn(params, state, batch, training=training)`` and its
-    new state is returned under ``stop_gradient``. ``step`` (the inner step,
-    when not ``None``) is passed on as ``step=step``.
+    new state is returned under ``stop_gradient`` (unless
+    ``stop_state_gradient=False``). ``step`` (the inner step, when not ``None``)
+    is passed on as ``step=step``.
     """
     if not has_state:
         loss, aux = loss_and_aux(loss_fn, params, batch, has_aux=has_aux)
@@ -267,7 +273,9 @@ def call_loss(
     out, new_state = out
     loss, aux = _validation.split_loss_output(out, has_aux, where)
     _validation.check_state_structure(state, new_state, where)
-    return loss, aux, jax.lax.stop_gradient(new_state)
+    if stop_state_gradient:
+        new_state = jax.lax.stop_gradient(new_state)
+    return loss, aux, new_state
 
 
 def task_metrics(
@@ -578,5 +586,9 @@ def predict(
         return apply_fn(
             learner.adapt(meta_params, support, num_steps=num_steps), inputs
         )
-    params, _ = learner.adapt(meta_params, support, num_steps=num_steps, **kwargs)
+    params, new_state = learner.adapt(
+        meta_params, support, num_steps=num_steps, **kwargs
+    )
+    if learner.query_state == "support":
+        state = new_state
     return apply_fn(params, state, inputs)

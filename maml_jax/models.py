@@ -160,7 +160,7 @@ def _unpack(batch: Any) -> tuple[Any, Any]:
     return batch[0], batch[1]
 
 
-NORMS = ("transductive", "running", "inductive", "none")
+NORMS = ("transductive", "running", "support", "inductive", "none")
 
 # Up to this many patch columns (3×3 greyscale: 9, RGB: 27) a block with batch
 # statistics and im2col convolutions computes its convolution and batch norm
@@ -189,6 +189,15 @@ class Conv4(nn.Module):
       ``m = momentum``); ``train=False`` normalises with the running averages, so
       a prediction depends on its own example alone. Use it through a stateful
       loss (``maml_jax.from_linen``) and a learner built with ``has_state=True``.
+    * ``"support"``: batch norm for non-transductive evaluation. ``train=True``
+      normalises with the batch's statistics and returns them (differentiable)
+      and the batch size in ``batch_stats``; ``train=False`` normalises each
+      example with the moments of that batch and the example together (its own
+      spatial moments weighted ``1/(n+1)``: TaskNorm-I with ``α = n/(n+1)``,
+      Bronskill et al., ICML 2020). With a learner built with
+      ``query_state="support"`` and ``query_training=False`` the batch is the
+      support set at the adapted parameters, so a query prediction depends on
+      that example and the support set only, in meta-training and at test.
     * ``"inductive"``: each example is normalised by its own statistics over
       (H, W, C) with a per-channel scale and offset, so a prediction depends on
       that example alone.
@@ -364,6 +373,8 @@ class Conv4(nn.Module):
             return x
         if self.norm == "running":
             x = self._running_standardize(x, block, train, slot)
+        elif self.norm == "support":
+            x = self._support_standardize(x, block, train)
         else:
             axes = (0, 1, 2) if self.norm == "transductive" else (1, 2, 3)
             x = ops.standardize(x, axes, self.eps)
@@ -371,6 +382,23 @@ class Conv4(nn.Module):
         if scale is not None:
             x = x * _channels(scale)
         return x + _channels(offset)
+
+    def _support_standardize(self, x: jax.Array, block: int, train: bool) -> jax.Array:
+        """``norm="support"``: batch statistics in training mode (kept, with the
+        batch size, differentiable); in inference mode each example's moments
+        pooled with the kept ones."""
+        c, f32 = (self.filters,), jnp.float32
+        mean = self.variable("batch_stats", f"norm{block}_mean", jnp.zeros, c, f32)
+        var = self.variable("batch_stats", f"norm{block}_var", jnp.ones, c, f32)
+        count = self.variable("batch_stats", f"norm{block}_count", jnp.zeros, (), f32)
+        if train:
+            if not self.is_initializing():
+                # Differentiable: the query pass is differentiated through them,
+                # as through batch statistics.
+                mean.value, var.value = x.mean((0, 1, 2)), x.var((0, 1, 2))
+                count.value = jnp.asarray(x.shape[0], jnp.float32)
+            return ops.standardize(x, (0, 1, 2), self.eps)
+        return ops.pooled_standardize(x, mean.value, var.value, count.value, self.eps)
 
     def _running_standardize(
         self, x: jax.Array, block: int, train: bool, slot: Any

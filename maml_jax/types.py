@@ -212,6 +212,9 @@ class MetaLearner(NamedTuple):
       has_state: whether the learner's loss carries model state
         (``StatefulLossFn``): its functions then take ``state=`` and
         ``adapt`` / ``meta_loss`` also return the new state.
+      query_state: which state inference-mode predictions use: ``"start"``
+        (the state given, e.g. running averages) or ``"support"`` (the state
+        ``adapt`` returns: that of a support pass at the adapted parameters).
     """
 
     init: InitFn
@@ -220,3 +223,4 @@ class MetaLearner(NamedTuple):
     adaptation_curve: CurveFn
     predict: PredictFn | None = None
     has_state: bool = False
+    query_state: str = "start"

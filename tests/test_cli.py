@@ -330,3 +330,24 @@ def test_shard_over_two_devices_matches_one_device(
         np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-5)  # Adam step: 1e-3
     logged = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in logged] == [2]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("norm", ["running", "support"])
+def test_stateful_norm_trains_resumes_and_evaluates(
+    omniglot_dir, dataset_cache, tmp_path, capsys, norm
+):
+    from maml_jax.checkpoint import Checkpointer
+
+    run = tmp_path / norm
+    _train(omniglot_dir, run, "--steps", "2", "--norm", norm)
+    capsys.readouterr()
+    argv = ["train", "--resume", "--out", str(run), "--steps", "3", "--no-progress"]
+    assert cli.main(argv) == 0
+    assert "trained to step 3" in capsys.readouterr().out
+    with Checkpointer(run / "checkpoints", read_only=True) as checkpointer:
+        assert checkpointer.latest_step() == 3
+    assert cli.main(["eval", "--run", str(run), "--episodes", "6"]) == 0
+    results = json.loads((run / "test_results.json").read_text())
+    assert results["trained_steps"] == 3
+    assert np.all(np.isfinite(results["accuracy"]))

@@ -448,3 +448,54 @@ def test_patch_batch_norm_gradients_keep_each_input_dtype():
         argnums=(0, 1, 2, 3),
     )(patches, kernel, scale, offset)
     assert [g.dtype for g in grads] == [jnp.float64] + [jnp.float32] * 3
+
+
+def test_pooled_standardize_is_batch_norm_over_the_kept_batch_and_the_example():
+    with jax.enable_x64(True):
+        ks = jax.random.split(jax.random.key(7), 2)
+        kept = 2.0 * jax.random.normal(ks[0], (5, 6, 6, 3), jnp.float64) + 1.0
+        x = jax.random.normal(ks[1], (4, 6, 6, 3), jnp.float64)
+        mean, var = kept.mean((0, 1, 2)), kept.var((0, 1, 2))
+        out = ops.pooled_standardize(x, mean, var, 5.0, 1e-5)
+        for i in range(len(x)):
+            both = jnp.concatenate([kept, x[i : i + 1]])
+            ref = ops.standardize(both, (0, 1, 2), 1e-5)[-1]
+            np.testing.assert_allclose(out[i], ref, rtol=1e-10, atol=1e-12)
+        # No kept batch: each example by its own moments (instance norm).
+        alone = ops.pooled_standardize(x, mean, var, 0.0, 1e-5)
+        np.testing.assert_allclose(
+            alone, ops.standardize(x, (1, 2), 1e-5), rtol=1e-10, atol=1e-12
+        )
+        # Differentiable in the kept moments (the meta-gradient flows there).
+        f = lambda m, v: ops.pooled_standardize(x, m, v, 5.0, 1e-5).sum() ** 2
+        jax.test_util.check_grads(f, (mean, var), order=2, modes=("rev",))
+
+
+def test_support_norm_keeps_the_batch_moments_and_scores_examples_alone():
+    """``norm="support"``: training mode is batch norm and keeps the batch's
+    moments and size; inference mode scores each example on its own with them."""
+    x = jax.random.normal(jax.random.key(5), (5, 12, 12, 1))
+    q = jax.random.normal(jax.random.key(6), (3, 12, 12, 1))
+    support = models.Conv4(num_classes=2, filters=4, norm="support")
+    transductive = models.Conv4(num_classes=2, filters=4)
+    variables = support.init(jax.random.key(0), x)
+    params = variables["params"]
+    logits, updated = support.apply(variables, x, train=True, mutable=["batch_stats"])
+    np.testing.assert_allclose(
+        logits, transductive.apply({"params": params}, x), rtol=1e-5, atol=1e-5
+    )
+    stats = updated["batch_stats"]
+    assert float(stats["norm0_count"]) == 5.0
+    scored = support.apply({"params": params, **updated}, q, train=False)
+    alone = support.apply({"params": params, **updated}, q[1:2], train=False)
+    np.testing.assert_allclose(scored[1], alone[0], rtol=1e-5, atol=1e-6)
+    # The kept moments are differentiable functions of the parameters.
+    grads = jax.grad(
+        lambda p: support.apply(
+            {"params": p, "batch_stats": variables["batch_stats"]},
+            x,
+            train=True,
+            mutable=["batch_stats"],
+        )[1]["batch_stats"]["norm1_var"].sum()
+    )(params)
+    assert float(jnp.abs(grads["conv1_kernel"]).sum()) > 0

@@ -512,3 +512,109 @@ def test_query_training_false_scores_the_query_as_evaluation_does():
         maml_jax.maml(
             stateful_loss, inner_lr=0.1, num_inner_steps=1, query_training=False
         )
+
+
+def support_norm_loss(p, s, batch, *, training):
+    """Batch norm whose state is the last training-mode batch's moments, left
+    differentiable (as ``Conv4(norm="support")``)."""
+    x, y = batch
+    h = x @ p["w1"] + p["b1"][None]
+    if training:
+        s = {"mean": h.mean(0), "var": h.var(0)}
+    scale = jax.lax.rsqrt(s["var"] + 1e-5) * p["gamma"]
+    h = (h - s["mean"][None]) * scale[None] + p["beta"][None]
+    out = (jax.nn.relu(h) @ p["w2"])[:, 0] + p["b2"]
+    return jnp.mean((out - y) ** 2), s
+
+
+def support_moments(p, x):
+    """The support set's moments at ``p`` (written independently)."""
+    h = x @ p["w1"] + p["b1"][None]
+    return {"mean": h.mean(0), "var": h.var(0)}
+
+
+def test_query_state_support_normalises_the_query_with_the_adapted_support_moments():
+    """meta-training, evaluate and predict score the query set in inference
+    mode at the moments of the support set at the adapted parameters; the
+    meta-gradient flows through those moments (checked against a hand-unrolled
+    loop and finite differences)."""
+    theta, state, tasks = setup()
+    task = one_task(tasks)
+    learner = maml_jax.maml(
+        support_norm_loss,
+        inner_lr=ALPHA,
+        num_inner_steps=K,
+        has_state=True,
+        query_training=False,
+        query_state="support",
+    )
+
+    def inner_step(p, t):
+        g = jax.grad(lambda q: support_norm_loss(q, state, t.support, training=True)[0])
+        return jax.tree.map(lambda a, b: a - ALPHA * b, p, g(p))
+
+    def reference(t):
+        phi = t
+        for _ in range(K):
+            phi = inner_step(phi, task)
+        moments = support_moments(phi, task.support[0])
+        return support_norm_loss(phi, moments, task.query, training=False)[0]
+
+    (loss, _), grads = jax.value_and_grad(
+        lambda t: learner.meta_loss(t, task, state=state), has_aux=True
+    )(theta)
+    ref_loss, ref_grads = jax.value_and_grad(reference)(theta)
+    chex.assert_trees_all_close(loss, ref_loss, rtol=1e-12)
+    chex.assert_trees_all_close(grads, ref_grads, rtol=1e-10, atol=1e-12)
+    # The gradient through the moments is there: stopping it changes the result.
+    stopped = jax.grad(
+        lambda t: support_norm_loss(
+            inner_step(inner_step(t, task), task),
+            jax.lax.stop_gradient(
+                support_moments(inner_step(inner_step(t, task), task), task.support[0])
+            ),
+            task.query,
+            training=False,
+        )[0]
+    )(theta)
+    assert not np.allclose(stopped["w1"], ref_grads["w1"])
+    f = lambda w1: learner.meta_loss({**theta, "w1": w1}, task, state=state)[0]
+    jax.test_util.check_grads(f, (theta["w1"],), order=1, modes=("rev",))
+
+    # adapt returns the moments at the adapted parameters; predict uses them.
+    phi, moments = learner.adapt(theta, task.support, state=state)
+    chex.assert_trees_all_close(
+        moments, support_moments(phi, task.support[0]), rtol=1e-12
+    )
+    apply_fn = lambda p, s, x: support_norm_loss(
+        p, s, (x, jnp.zeros(len(x))), training=False
+    )[0]
+    out = maml_jax.predict(
+        learner, theta, task.support, task.query[0], apply_fn=apply_fn, state=state
+    )
+    chex.assert_trees_all_close(out, apply_fn(phi, moments, task.query[0]))
+
+    # evaluate: after k steps, the support moments at φ_k.
+    curves = maml_jax.evaluate(learner, theta, tasks, num_steps=K, state=state)
+    for i in range(2):
+        t_i, phi_k = one_task(tasks, i), theta
+        for k in range(K + 1):
+            m = support_moments(phi_k, t_i.support[0])
+            q = support_norm_loss(phi_k, m, t_i.query, training=False)[0]
+            np.testing.assert_allclose(curves["query_loss"][i, k], q, rtol=1e-10)
+            phi_k = inner_step(phi_k, t_i)
+
+
+def test_query_state_is_checked():
+    with pytest.raises(ValueError, match="query_state must be one of"):
+        maml_jax.maml(
+            stateful_loss,
+            inner_lr=0.1,
+            num_inner_steps=1,
+            has_state=True,
+            query_state="query",
+        )
+    with pytest.raises(ValueError, match="query_state='support' needs has_state"):
+        maml_jax.maml(
+            stateful_loss, inner_lr=0.1, num_inner_steps=1, query_state="support"
+        )

@@ -124,7 +124,8 @@ def _train_parser(sub) -> None:
         "used for the query set at test time; running-query: the same, with the "
         "query pass also meta-trained on the running averages; per-step: one set "
         "of running averages and norm weights per inner step, as MAML++'s "
-        "BNRS/BNWB)",
+        "BNRS/BNWB; support: each query image normalised with the adapted "
+        "model's support-set statistics, in meta-training and at test)",
     )
     p.add_argument("--conv-impl", choices=CONV_IMPLS)
     p.add_argument(

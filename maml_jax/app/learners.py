@@ -26,9 +26,21 @@ ALGORITHMS = tuple(maml_jax.LEARNERS)
 
 # Conv4's norms as the CLI offers them: "running-query" and "per-step" are its
 # running norm with the query pass meta-trained on the running averages, or
-# with one set of statistics and norm weights per inner step (MAML++'s BNRS/BNWB).
-NORMS = ("transductive", "running", "running-query", "per-step", "inductive", "none")
-STATEFUL_NORMS = ("running", "running-query", "per-step")
+# with one set of statistics and norm weights per inner step (MAML++'s BNRS/BNWB);
+# "support" normalises each query image with the adapted model's support-set
+# moments (TaskNorm's context moments), in meta-training and at test.
+NORMS = (
+    "transductive",
+    "running",
+    "running-query",
+    "per-step",
+    "support",
+    "inductive",
+    "none",
+)
+STATEFUL_NORMS = ("running", "running-query", "per-step", "support")
+QUERY_INFERENCE_NORMS = ("running-query", "support")
+_MODEL_NORM = {"running-query": "running", "per-step": "running"}
 PER_STEP_NORM_ALGORITHMS = ("maml", "fomaml", "maml_plus_plus")
 RUNNING_QUERY_ALGORITHMS = ("maml", "fomaml")
 
@@ -83,8 +95,10 @@ def _make_learner(config: FewShotConfig, model, loss_fn):
         kwargs["has_state"] = True
     if config.norm == "per-step":
         kwargs["per_step_norm"] = True
-    if config.norm == "running-query":
+    if config.norm in QUERY_INFERENCE_NORMS:
         kwargs["query_training"] = False
+    if config.norm == "support":
+        kwargs["query_state"] = "support"
     if name == "anil":  # only the linear head adapts
         kwargs["adapt_mask"] = lambda p: {k: k == "head" for k in p}
     if name == "maml_plus_plus":
@@ -108,7 +122,7 @@ def build_learner(config: FewShotConfig, image_shape):
         filters=config.filters or (64 if omniglot else 32),
         downsample=config.downsample or ("stride" if omniglot else "maxpool"),
         head=config.head or ("mean" if omniglot else "flatten"),
-        norm="running" if config.norm in STATEFUL_NORMS else config.norm,
+        norm=_MODEL_NORM.get(config.norm, config.norm),
         conv_impl=config.conv_impl or "auto",
         dtype=None if config.precision == "float32" else jnp.bfloat16,
         per_step_norm=_per_step_norm(config),

@@ -38,6 +38,7 @@ from maml_jax.app.learners import (
     ALGORITHMS,
     NORMS,
     PER_STEP_NORM_ALGORITHMS,
+    QUERY_INFERENCE_NORMS,
     RUNNING_QUERY_ALGORITHMS,
     STATEFUL_NORMS,
 )
@@ -340,11 +341,11 @@ class FewShotConfig:
                 f"imaml does not yet. Use --norm transductive with imaml."
             )
         if (
-            self.norm == "running-query"
+            self.norm in QUERY_INFERENCE_NORMS
             and self.algorithm not in RUNNING_QUERY_ALGORITHMS
         ):
             raise ValueError(
-                f"--norm running-query is one of the options of "
+                f"--norm {self.norm} is one of the options of "
                 f"{', '.join(RUNNING_QUERY_ALGORITHMS)}."
             )
         if self.norm == "per-step" and self.algorithm not in PER_STEP_NORM_ALGORITHMS:

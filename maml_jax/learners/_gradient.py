@@ -50,6 +50,7 @@ def gradient_learner(
     has_state: bool = False,
     pass_inner_step: bool = False,
     query_training: bool = True,
+    query_state: str = "start",
     objective: Objective | None = None,
     observe_query: bool = False,
 ) -> MetaLearner:
@@ -80,6 +81,12 @@ def gradient_learner(
     leave; ``adaptation_curve`` evaluates the query set in inference mode.
     """
     has_state = check_flag("has_state", has_state)
+    if query_state not in QUERY_STATES:
+        raise ValueError(
+            f"query_state must be one of {QUERY_STATES}; got {query_state!r}."
+        )
+    if query_state == "support" and not has_state:
+        raise ValueError("query_state='support' needs has_state=True.")
     if not check_flag("query_training", query_training):
         if not has_state:
             raise ValueError("query_training=False needs has_state=True.")
@@ -110,20 +117,41 @@ def gradient_learner(
             )
         return {}
 
+    def inference_state(problem, params, support, state, step=None):
+        """The state an inference-mode query pass at ``params`` runs at."""
+        if query_state == "start":
+            return state
+        return core.call_loss(
+            problem.loss_fn,
+            params,
+            support,
+            has_aux=has_aux,
+            state=state,
+            has_state=True,
+            training=True,
+            step=step if pass_inner_step else None,
+            stop_state_gradient=False,
+        )[2]
+
     def run(meta_params, support, num_steps, query=None, *, state=None, training=True):
         problem = inner_problem(meta_params)
         observe = None
         if query is not None:
-            observe = lambda p, s=state, k=None: core.call_loss(
-                problem.loss_fn,
-                p,
-                query,
-                has_aux=has_aux,
-                state=s if query_training else state,
-                has_state=has_state,
-                training=training and query_training,
-                step=k if pass_inner_step else None,
-            )
+
+            def observe(p, s=state, k=None):
+                if not query_training:
+                    s = inference_state(problem, p, support, state, k)
+                return core.call_loss(
+                    problem.loss_fn,
+                    p,
+                    query,
+                    has_aux=has_aux,
+                    state=s,
+                    has_state=has_state,
+                    training=training and query_training,
+                    step=k if pass_inner_step else None,
+                )
+
         phi, trace = core.inner_loop(
             problem.loss_fn,
             problem.start,
@@ -160,6 +188,10 @@ def gradient_learner(
         )
         if not stateful:
             return problem.to_model(phi)
+        if query_state == "support":
+            return problem.to_model(phi), inference_state(
+                problem, phi, support, state, steps(num_steps)
+            )
         return problem.to_model(phi), trace.state
 
     def meta_loss(
@@ -183,7 +215,13 @@ def gradient_learner(
                 phi,
                 task.query,
                 has_aux=has_aux,
-                state=trace.state if query_training else state,
+                state=(
+                    trace.state
+                    if query_training
+                    else inference_state(
+                        problem, phi, task.support, state, num_inner_steps
+                    )
+                ),
                 has_state=has_state,
                 training=query_training,
                 step=num_inner_steps if pass_inner_step else None,
@@ -221,6 +259,7 @@ def gradient_learner(
             num_steps=num_steps,
             has_aux=has_aux,
             pass_inner_step=pass_inner_step,
+            query_state=query_state,
             **stateful,
         )
 
@@ -229,8 +268,16 @@ def gradient_learner(
         return init(params)
 
     return MetaLearner(
-        checked_init, adapt, meta_loss, adaptation_curve, has_state=has_state
+        checked_init,
+        adapt,
+        meta_loss,
+        adaptation_curve,
+        has_state=has_state,
+        query_state=query_state,
     )
+
+
+QUERY_STATES = ("start", "support")
 
 
 def check_flag(name: str, value: Any) -> bool:

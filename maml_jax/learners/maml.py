@@ -25,6 +25,7 @@ def maml(
     has_state: bool = False,
     per_step_norm: bool = False,
     query_training: bool = True,
+    query_state: str = "start",
 ) -> MetaLearner:
     r"""Model-Agnostic Meta-Learning (MAML).
 
@@ -69,6 +70,13 @@ def maml(
         mode (the running averages the task started from), as ``evaluate``
         scores queries: training and evaluation then normalise the query set
         the same way.
+      query_state: the model state inference-mode query passes use:
+        ``"start"`` (the running averages the task started from) or
+        ``"support"`` (the state a training-mode support pass at the same
+        parameters leaves). With ``Conv4(norm="running", momentum=0.0)`` and
+        ``query_training=False``, ``"support"`` normalises each query example
+        with the adapted model's support-set statistics (non-transductive, as
+        TaskNorm's support moments; Bronskill et al., ICML 2020).
 
     Returns:
       A ``MetaLearner``; ``init`` is the identity (the meta-parameters are the
@@ -117,6 +125,7 @@ def maml(
         has_state=has_state,
         pass_inner_step=per_step_norm,
         query_training=query_training,
+        query_state=query_state,
     )
 
 
@@ -132,6 +141,7 @@ def fomaml(
     has_state: bool = False,
     per_step_norm: bool = False,
     query_training: bool = True,
+    query_state: str = "start",
 ) -> MetaLearner:
     """First-order MAML: ``maml(..., first_order=True)``.
 
@@ -158,6 +168,7 @@ def fomaml(
         has_state=has_state,
         per_step_norm=per_step_norm,
         query_training=query_training,
+        query_state=query_state,
     )
 
 

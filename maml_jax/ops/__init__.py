@@ -13,7 +13,12 @@ from maml_jax.ops.conv import (
     patch_matmul,
     resolve_conv_impl,
 )
-from maml_jax.ops.norm import conv_batch_norm, patch_batch_norm, standardize
+from maml_jax.ops.norm import (
+    conv_batch_norm,
+    patch_batch_norm,
+    pooled_standardize,
+    standardize,
+)
 from maml_jax.ops.pool import max_pool_2x2
 
 __all__ = [
@@ -28,6 +33,7 @@ __all__ = [
     # Normalisation (ops/norm.py)
     "conv_batch_norm",
     "patch_batch_norm",
+    "pooled_standardize",
     "standardize",
     # Pooling (ops/pool.py)
     "max_pool_2x2",

@@ -1,5 +1,7 @@
 """Normalisation with closed-form custom VJPs: ``standardize`` and batch norm
-computed from a convolution's patches (``patch_batch_norm``)."""
+computed from a convolution's patches (``patch_batch_norm``); and
+``pooled_standardize``, each example normalised together with a kept batch's
+moments."""
 
 from __future__ import annotations
 
@@ -9,6 +11,46 @@ import jax
 import jax.numpy as jnp
 
 from maml_jax.ops.conv import accumulation_dtype, im2col_patches, patch_matmul
+
+
+def pooled_standardize(
+    x: jax.Array, mean: jax.Array, var: jax.Array, count: jax.Array, eps: float
+) -> jax.Array:
+    """Each example standardised with the moments of a kept batch and itself.
+
+    The moments are those of the kept batch's ``count`` examples and the
+    example pooled over all their positions (the kept batch weighs
+    ``α = count / (count + 1)``): batch norm over the kept batch plus this one
+    example, so the output for an example depends on it and the kept moments
+    only (TaskNorm-I with ``α = n/(n+1)``; Bronskill et al., ICML 2020).
+    Plain JAX, differentiable in every argument.
+
+    Args:
+      x: ``(N, H, W, C)``.
+      mean, var: ``(C,)``: the kept batch's per-channel mean and (biased)
+        variance over its examples and positions.
+      count: the kept batch's number of examples (a scalar; 0: each example
+        is standardised by its own moments).
+      eps: added to the variance.
+
+    Returns:
+      An array of the shape of ``x``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> x = jnp.array([3.0]).reshape(1, 1, 1, 1)
+      >>> y = pooled_standardize(x, jnp.array([1.0]), jnp.array([0.0]), 1.0, 0.0)
+      >>> y.ravel().tolist()  # the moments of (1, 3): mean 2, variance 1
+      [1.0]
+    """
+    alpha = count / (count + 1)
+    mu_x, var_x = x.mean((1, 2), keepdims=True), x.var((1, 2), keepdims=True)
+    mu_s, var_s = mean.reshape(1, 1, 1, -1), var.reshape(1, 1, 1, -1)
+    mu = alpha * mu_s + (1 - alpha) * mu_x
+    pooled = alpha * (var_s + (mu_s - mu) ** 2) + (1 - alpha) * (
+        var_x + (mu_x - mu) ** 2
+    )
+    return (x - mu) * jax.lax.rsqrt(pooled + eps)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
