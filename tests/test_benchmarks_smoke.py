@@ -122,7 +122,6 @@ def test_memory_smoke(tmp_path):
     assert found["steps"] == 20 and found["probes"] >= 1
 
 
-@pytest.mark.benchmark
 def test_accelerator_check_smoke(omniglot_dir, dataset_cache, tmp_path):
     import os
 
@@ -154,7 +153,7 @@ def test_accelerator_check_smoke(omniglot_dir, dataset_cache, tmp_path):
         rows = result["throughput"][workload]
         ours = rows["maml_jax"]
         assert ours["tasks_per_s"] > 0 and ours["compile_s"] > 0, ours
-        assert ours["formulation"]["conv_impl"] == "lax"
+        assert ours["formulation"]["conv_impl"] == "im2col"  # lax on a GPU
         assert ours["formulation"]["batching"] == "vmap"
         for peer in ("learn2learn", "higher"):  # measured, or skipped with a note
             assert rows[peer].get("tasks_per_s", 0) > 0 or "skipped" in rows[peer]
