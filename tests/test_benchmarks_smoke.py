@@ -104,6 +104,14 @@ def test_fit_compiles_smoke():
     assert row["chunk_compiles"] == 1 and row["backend_compile_s"] > 0
 
 
+def test_drop_in_conv_smoke():
+    from benchmarks import drop_in_conv
+
+    rows = drop_in_conv.main(["--smoke"])
+    assert {r["conv"] for r in rows} == {"nn.Conv", "maml_jax.layers.Conv"}
+    assert all(r["step_s_median"] > 0 and r["compile_s"] > 0 for r in rows)
+
+
 def test_memory_smoke(tmp_path):
     from benchmarks import memory
 
