@@ -156,3 +156,20 @@ def test_family_preset_trains(name, omniglot_dir, dataset_cache, tmp_path):
     assert np.isfinite(records[-1]["eval/val_accuracy"])
     results = runs.evaluate_run(out, episodes_count=4)
     assert len(results["accuracy"]) == expected.test_inner_steps + 1
+
+
+def test_bfloat16_falls_back_to_float32_on_a_cpu_without_bf16_matrix_units():
+    from maml_jax.app import precision
+
+    amd = "model name\t: AMD EPYC\nflags\t\t: fpu avx avx2 fma\n"
+    xeon = "model name\t: Intel Xeon\nflags\t\t: avx2 avx512f amx_bf16 amx_tile\n"
+    assert precision.cpu_bf16_matmul(amd) is False
+    assert precision.cpu_bf16_matmul(xeon) is True
+    assert precision.cpu_bf16_matmul("no flags here") is None
+    config = presets.FewShotConfig.from_preset("omniglot-5w1s", precision="bfloat16")
+    resolved, notice = precision.resolve(config, has_bf16=False)
+    assert resolved.precision == "float32" and "training in float32" in notice
+    assert precision.resolve(config, has_bf16=True) == (config, None)
+    assert precision.resolve(config, has_bf16=None) == (config, None)
+    float32 = presets.FewShotConfig.from_preset("omniglot-5w1s")
+    assert precision.resolve(float32, has_bf16=False) == (float32, None)

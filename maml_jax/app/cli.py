@@ -163,7 +163,7 @@ def _eval_parser(sub) -> None:
 
 
 def _run_train(args) -> None:
-    from maml_jax.app import presets, runs
+    from maml_jax.app import precision, presets, runs
 
     overrides = {
         k: v
@@ -191,6 +191,9 @@ def _run_train(args) -> None:
         if args.data_dir is None:
             raise ValueError("--data-dir is required for a new run.")
         config = presets.FewShotConfig.from_preset(args.preset, **overrides)
+        config, notice = precision.resolve(config)
+        if notice:
+            print(notice, file=sys.stderr)
     if args.data_dir is not None and not args.data_dir.is_dir():
         raise FileNotFoundError(
             f"--data-dir {args.data_dir} does not exist or is not a folder."
