@@ -1,8 +1,9 @@
 """``--precision bfloat16`` only where it pays.
 
 On XLA:CPU, bfloat16 matmuls run on bfloat16 matrix units (AMX, AVX512_BF16) where a
-CPU has them; elsewhere every product is converted to float32 and back, and mixed
-precision is slower than float32 (``benchmarks/README.md``). A new CPU run asking for
+CPU has them; elsewhere XLA:CPU converts the operands to float32 and back, so mixed
+precision saves nothing and adds the conversions (measured on the Xeon before the AMX
+route existed: not faster; ``benchmarks/CHANGELOG.md``). A new CPU run asking for
 bfloat16 on a CPU without such units trains in float32 instead, with a one-line notice.
 """
 
@@ -49,7 +50,7 @@ def resolve(config: Any, *, has_bf16: bool | None = None) -> tuple[Any, str | No
         return config, None
     notice = (
         "--precision bfloat16: this CPU has no bfloat16 matrix units "
-        f"({' or '.join(BF16_MATMUL_FLAGS)}), where mixed precision is slower than "
-        "float32; training in float32."
+        f"({' or '.join(BF16_MATMUL_FLAGS)}), so mixed precision would not be faster "
+        "than float32; training in float32."
     )
     return dataclasses.replace(config, precision="float32"), notice
