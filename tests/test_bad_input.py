@@ -558,7 +558,11 @@ def test_sigint_while_starting_up_is_one_line_and_130(tmp_path):
     # The child reports once cli.main runs (importing the maml_jax package
     # itself happens before main and is not main's to handle), then SIGINT lands
     # while it imports jax's modules, builds the model or compiles.
+    # A pytest-xdist worker ignores SIGINT and an ignored signal stays ignored
+    # across exec, so the child first restores Python's own handler, as it has
+    # when started from a shell.
     script = (
+        "import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
         "import sys; from maml_jax.app import cli; print('main', flush=True); "
         "sys.argv[1:] = ['sinusoid', '--smoke', '--no-progress', '--out', "
         f"{str(tmp_path / 'out')!r}]; sys.exit(cli.main())"
