@@ -2,8 +2,8 @@
 
 On XLA:CPU, bfloat16 matmuls run on bfloat16 matrix units (AMX, AVX512_BF16) where a
 CPU has them; elsewhere XLA:CPU converts the operands to float32 and back, so mixed
-precision saves nothing and adds the conversions (measured on the Xeon before the AMX
-route existed: not faster; ``benchmarks/CHANGELOG.md``). A new CPU run asking for
+precision saves nothing and adds the conversions (``benchmarks/README.md``, mixed
+precision). A new CPU run asking for
 bfloat16 on a CPU without such units trains in float32 instead, with a one-line notice.
 """
 
