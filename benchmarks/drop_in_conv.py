@@ -3,9 +3,11 @@
 Question: for second-order MAML (5-way 1-shot, 5 queries per class, 1 inner step, Adam,
 on-device task sampling), how long does one jitted meta-step take for a CNN the user
 writes with ``flax.linen.Conv`` and for the same CNN with the drop-in
-``maml_jax.layers.Conv``, with the library's default task batching (``"auto"``) and
-with each candidate formulation (``vmap``, ``scan`` over chunks of 1, 2, 4), and how far
-is the default from the best? Two networks: a Conv4 (64 filters, 2×2 max-pool, batch
+``maml_jax.layers.Conv``, with the library's default task batching (``"auto"`` as
+``fit`` runs it: the chunk size measured by ``maml_jax.tune_batching``, whose cost is
+reported as ``tune_s``; ``"rule"``: ``"auto"`` without measuring) and with each
+candidate formulation (``vmap``, ``scan`` over chunks of 1, 2, 4), and how far is the
+default from the best? Two networks: a Conv4 (64 filters, 2×2 max-pool, batch
 statistics, 28×28×1) written from Flax layers as a user would, and a ResNet-12 (widths
 64-160-320-640, three 3×3 convolutions and a 1×1 shortcut per block, 32×32×3 as on
 CIFAR-FS). Inputs are random (the speed of a step does not depend on them).
@@ -18,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
+import time
 from pathlib import Path
 
 import flax.linen as nn
@@ -32,7 +36,14 @@ from benchmarks.peers.compare import machine_info
 from maml_jax import layers
 
 WAYS, SHOTS = 5, 1
-FORMULATIONS = (("auto", None), ("vmap", None), ("scan", 1), ("scan", 2), ("scan", 4))
+FORMULATIONS = (
+    ("auto", None),
+    ("rule", None),
+    ("vmap", None),
+    ("scan", 1),
+    ("scan", 2),
+    ("scan", 4),
+)
 CONVS = {"nn.Conv": nn.Conv, "maml_jax.layers.Conv": layers.Conv}
 
 
@@ -105,17 +116,25 @@ def time_network(network, conv_name, batching, chunk, args) -> dict:
         return loss.mean() * WAYS
 
     learner = maml_jax.maml(loss_fn, inner_lr=0.4, num_inner_steps=1)
+    sampler = sampler_for(shape, args.meta_batch, args.queries)
+    tasks = sampler(jax.random.key(0))
+    resolved, tune_s = (batching, chunk), None
+    if batching == "rule":
+        resolved = maml_jax.auto_batching(tasks)
+    elif batching == "auto":  # what fit does with an "auto" state (maml_jax.autotune)
+        t0 = time.perf_counter()
+        choice = maml_jax.tune_batching(
+            learner, learner.init(params), tasks, enabled=True, cache_dir=args.cache_dir
+        )
+        tune_s = time.perf_counter() - t0
+        resolved = (choice.batching, choice.chunk_size)
     state = maml_jax.MetaTrainState.create(
         params=params,
         learner=learner,
         tx=optax.adam(1e-3),
-        batching=batching,
-        chunk_size=chunk,
+        batching=resolved[0],
+        chunk_size=resolved[1],
     )
-    sampler = sampler_for(shape, args.meta_batch, args.queries)
-    resolved = (batching, chunk)
-    if batching == "auto":
-        resolved = maml_jax.auto_batching(sampler(jax.random.key(0)))
     compile_s, times, _ = time_sampled_step(state, sampler, args.repeats)
     return {
         "network": network,
@@ -124,6 +143,7 @@ def time_network(network, conv_name, batching, chunk, args) -> dict:
         "resolved": f"{resolved[0]}" + (f"/{resolved[1]}" if resolved[1] else ""),
         "meta_batch": args.meta_batch,
         "compile_s": compile_s,
+        "tune_s": tune_s,
         "step_s_median": float(np.median(times)),
     }
 
@@ -134,12 +154,21 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--queries", type=int, default=5)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--networks", nargs="+", default=list(NETWORKS))
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        help="where the measured choices are cached (default: a new temporary "
+        "folder, so that every run measures)",
+    )
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args(argv)
+    if args.cache_dir is None:
+        args.cache_dir = Path(tempfile.mkdtemp(prefix="autotune-"))
     formulations = FORMULATIONS
     if args.smoke:
         formulations = (("auto", None),)
-        args.meta_batch, args.queries, args.repeats = 2, 1, 1
+        # One task: nothing for "auto" to measure (measuring: test_autotune.py).
+        args.meta_batch, args.queries, args.repeats = 1, 1, 1
         args.networks = args.networks[:1]
     machine = machine_info()
     flags = (
@@ -172,7 +201,11 @@ def table(rows: list[dict]) -> str:
         for r in mine:
             batching = r["batching"]
             if batching == "auto":
-                batching = f"**auto** ({r['resolved']})"
+                batching = (
+                    f"**auto** ({r['resolved']}, measured in {r['tune_s']:.0f} s)"
+                )
+            elif batching == "rule":
+                batching = f"auto without measuring ({r['resolved']})"
             elif r["resolved"] != batching:
                 batching = r["resolved"]
             lines.append(

@@ -1,6 +1,7 @@
 """maml_jax: gradient-based meta-learning as pure JAX functions."""
 
 from maml_jax.adapters import Model, from_equinox, from_linen, from_nnx
+from maml_jax.autotune import BatchingChoice, tune_batching
 from maml_jax.core import (
     InnerTrace,
     StateReduction,
@@ -127,6 +128,9 @@ __all__ = [
     "mean_state",
     "meta_value_and_grad",
     "predict",
+    # Task batching chosen by measurement (maml_jax.autotune)
+    "BatchingChoice",
+    "tune_batching",
     # Inner update rules (optax)
     "per_step_sgd",
     "sgd_with_rates",

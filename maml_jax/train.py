@@ -14,7 +14,7 @@ import numpy as np
 import optax
 from flax import struct
 
-from maml_jax import _fit_log, _validation, core
+from maml_jax import _fit_log, _validation, autotune, core
 from maml_jax.types import Aux, MetaLearner, MetaParams, ModelState, Params, TaskBatch
 
 TaskSampler = Callable[[jax.Array], TaskBatch]
@@ -331,6 +331,7 @@ def fit(
     callbacks: tuple[Callable[[MetaTrainState, dict[str, Any]], None], ...] = (),
     nonfinite: str = "raise",
     pre_adaptation_query: bool = False,
+    autotune: bool | None = None,
 ) -> MetaTrainState:
     """Meta-trains until ``state.step == num_steps``.
 
@@ -371,6 +372,13 @@ def fit(
     ``nonfinite``, ``pre_adaptation_query``, and the program length (a new
     ``steps_per_call`` or shortest period, or fewer steps left than those).
 
+    Task batching: a state with ``batching="auto"`` and no ``chunk_size`` whose
+    tasks ``core.auto_batching`` would scan in chunks (image tasks on one CPU
+    device) gets its chunk size measured first (``autotune.tune_batching`` on
+    one sampled batch; cached per machine and program, so only the first run of
+    a program pays for it); the returned state holds the choice. ``autotune=False``
+    (or ``$MAML_JAX_AUTOTUNE=0``) keeps ``"auto"``, i.e. the rule's chunk size.
+
     A step is non-finite when its meta-loss or the norm of its meta-gradient is
     NaN or ±inf. With ``nonfinite="raise"`` the chunk holding one raises
     ``FloatingPointError`` naming the first such step and quantity, before any
@@ -397,6 +405,8 @@ def fit(
       nonfinite: ``"raise"`` (stop) or ``"skip"`` (skip the update and count it).
       pre_adaptation_query: also log the query metrics before adaptation (see
         ``train_step``; one more forward pass over every query set per step).
+      autotune: measure the chunk size of an ``"auto"`` state (see above);
+        default: on unless ``$MAML_JAX_AUTOTUNE`` is ``0``.
 
     Returns:
       The final state.
@@ -435,6 +445,8 @@ def fit(
         periods += (int(eval_every),)
     _check_nonfinite(nonfinite)
     num_tasks = _num_tasks(sample_tasks, key)
+    if state.batching == "auto" and state.chunk_size is None:
+        state = _with_tuned_batching(state, sample_tasks, key, autotune)
     batch_bytes = max(1, _batch_bytes(sample_tasks, key))
     presample = batch_bytes * PRESAMPLE_MIN_STEPS <= PRESAMPLE_MAX_BYTES
     max_chunk = steps_per_call
@@ -566,6 +578,34 @@ class _StaticSampler:
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, _StaticSampler) and self._key == other._key
+
+
+def _with_tuned_batching(
+    state: MetaTrainState,
+    sample_tasks: TaskSampler,
+    key: jax.Array,
+    enabled: bool | None,
+) -> MetaTrainState:
+    """``state`` with the measured batching, or unchanged where nothing is
+    measured (another backend, several devices, MLP tasks, measurement off)."""
+    if enabled is None:
+        enabled = autotune.enabled_by_env()
+    if (
+        not enabled
+        or core.auto_batching(jax.eval_shape(sample_tasks, key))[0] != "scan"
+    ):
+        return state
+    choice = autotune.tune_batching(
+        state.learner,
+        state.meta_params,
+        sample_tasks(key),
+        state=state.model_state,
+        outer_step=state.step,
+        enabled=enabled,
+    )
+    if choice.source == "rule":
+        return state
+    return state.replace(batching=choice.batching, chunk_size=choice.chunk_size)
 
 
 def _num_tasks(sample_tasks: TaskSampler, key: jax.Array) -> int:

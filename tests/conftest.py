@@ -9,6 +9,10 @@ import pytest
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
+# Measuring task batching compiles every candidate chunk size: only
+# test_autotune.py does it (and the processes the tests start inherit this).
+os.environ["MAML_JAX_AUTOTUNE"] = "0"
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _fresh_jax_caches():
@@ -57,14 +61,22 @@ def dataset_cache(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def subprocess_compilation_cache(tmp_path_factory) -> Path:
-    """A persistent XLA compilation cache shared by the ``maml-jax`` processes the
-    tests start (killed and resumed runs compile the same step; this halves the
-    fault suite's time). Only child processes read it: this process imported jax,
-    and read its configuration, before the variables are set."""
-    path = tmp_path_factory.mktemp("jax_compilation_cache")
+def compilation_cache(tmp_path_factory) -> Path:
+    """A persistent XLA compilation cache for the whole session: this process, the
+    other pytest-xdist worker and the ``maml-jax`` processes the tests start.
+
+    Killed and resumed runs, and the CLI tests' runs of one small configuration,
+    compile the same programs. Programs that compile in under a second are not
+    cached in this process (jax's default threshold); child processes cache
+    everything.
+    """
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the session's folder, shared by the workers
+    path = base / "jax_compilation_cache"
+    path.mkdir(exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
     os.environ["JAX_COMPILATION_CACHE_DIR"] = str(path)
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
-    assert jax.config.jax_compilation_cache_dir is None
     return path

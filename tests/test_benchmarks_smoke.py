@@ -110,6 +110,7 @@ def test_drop_in_conv_smoke():
     rows = drop_in_conv.main(["--smoke"])
     assert {r["conv"] for r in rows} == {"nn.Conv", "maml_jax.layers.Conv"}
     assert all(r["step_s_median"] > 0 and r["compile_s"] > 0 for r in rows)
+    assert all(r["batching"] == "auto" and r["tune_s"] > 0 for r in rows)
 
 
 def test_memory_smoke(tmp_path):

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 
+import maml_jax
 from maml_jax.app import cli, presets
 from tests import helpers
 
@@ -25,10 +26,19 @@ _final_params = helpers.final_params
 
 
 @pytest.mark.slow
-def test_train_then_eval(omniglot_dir, dataset_cache, tmp_path, capsys):
+def test_train_then_eval(omniglot_dir, dataset_cache, tmp_path, capsys, monkeypatch):
     # Bit-exact resume is tested in test_faults.py (after SIGKILL at five points).
+    # The chunk size is measured (measuring itself: test_autotune.py).
+    measured = maml_jax.BatchingChoice(
+        "scan", 2, "measured", {1: 0.3, 2: 0.2, 4: 0.25}, {1: 9.0, 2: 9.0, 4: 9.0}
+    )
+    monkeypatch.setattr(maml_jax.autotune, "tune_batching", lambda *a, **k: measured)
     full = tmp_path / "full"
     _train(omniglot_dir, full, "--steps", "4", "--pre-adaptation-query")
+    config = json.loads((full / "config.json").read_text())
+    assert (config["chunk_size"], config["batching_choice"]) == (2, "measured")
+    assert json.loads((full / "autotune.json").read_text())["step_seconds"]["2"] == 0.2
+    assert "chunks of 2 tasks" in capsys.readouterr().err
     records = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [2, 4]
     assert all("eval/val_accuracy" in r for r in records)
@@ -92,12 +102,17 @@ def _eval_steps(run):
 
 @pytest.mark.slow
 def test_checkpoint_every_needs_no_multiple_of_steps_per_call(
-    omniglot_dir, dataset_cache, tmp_path, capsys
+    omniglot_dir, dataset_cache, tmp_path, capsys, monkeypatch
 ):
     from maml_jax.checkpoint import Checkpointer
 
+    def not_called(*args, **kwargs):
+        raise AssertionError("--no-autotune measured the chunk size")
+
+    monkeypatch.setattr(maml_jax.autotune, "tune_batching", not_called)
     run = tmp_path / "run"
     cadence = [
+        "--no-autotune",
         "--checkpoint-every",
         "5",
         "--eval-every",
@@ -113,6 +128,7 @@ def test_checkpoint_every_needs_no_multiple_of_steps_per_call(
     assert _eval_steps(run) == [10]
     config = json.loads((run / "config.json").read_text())
     assert config["data_dir"] == os.path.abspath(omniglot_dir)
+    assert (config["chunk_size"], config["batching_choice"]) == (4, "rule")
     # --resume alone finds the configuration and the data folder in the run.
     capsys.readouterr()
     assert cli.main(["train", "--resume", "--out", str(run), "--no-progress"]) == 0

@@ -28,6 +28,10 @@ import maml_jax
 from maml_jax import _varying
 from tests import helpers
 
+# One worker runs the module, so its module fixture is computed once under
+# pytest-xdist (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group("shard_map")
+
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 300
 RTOL, ATOL = 1e-8, 1e-8  # float64; sharding only regroups the sums over tasks

@@ -36,6 +36,10 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 import maml_jax
 from maml_jax import sharding, train
 
+# One worker runs the module, so its module fixture is computed once under
+# pytest-xdist (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group("sharding")
+
 META_BATCH, STEPS = 8, 3
 model = maml_jax.MLP((16, 16))
 params = model.init(jax.random.key(0), jnp.zeros((1, 1)))["params"]

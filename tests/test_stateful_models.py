@@ -18,7 +18,9 @@ from flax import nnx
 import maml_jax
 from maml_jax.datasets.omniglot import load_omniglot
 
-pytestmark = pytest.mark.slow  # a compiled CNN meta-step per framework
+# slow: a compiled CNN meta-step per framework; one worker runs the module,
+# so its module fixtures are computed once under pytest-xdist.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("stateful_models")]
 
 WAYS, FILTERS, BLOCKS, META_BATCH, STEPS = 5, 8, 2, 2, 4
 TRAIN_SPEC = maml_jax.EpisodeSpec(WAYS, 1, 2, rotations=True)

@@ -13,9 +13,11 @@ With ``--steps-per-call K`` each timed call runs ``K`` meta-steps in one
 per meta-step; the row's ``impl`` is then ``maml_jax-scan``. ``--precision
 bfloat16`` computes the convolutions in bfloat16 (``Conv4(dtype=jnp.bfloat16)``;
 ``impl`` gets ``-bf16``). ``--conv-impl`` and ``--batching`` fix the formulation
-instead of the library's default (``auto``); ``--meta-batch`` and ``--filters``
-shrink the workload (smoke runs). ``peak_device_mb`` is the device's peak memory in use
-(``memory_stats``; absent on CPU).
+instead of the library's default (``auto``: with the chunk size measured by
+``maml_jax.tune_batching``, as ``fit`` does; ``tune_s`` is its cost, not in the
+step time, and ``$MAML_JAX_AUTOTUNE=0`` takes the fixed rule); ``--meta-batch`` and
+``--filters`` shrink the workload (smoke runs). ``peak_device_mb`` is the device's
+peak memory in use (``memory_stats``; absent on CPU).
 
 Command: ``python -m benchmarks.peers.run_ours --workload sinusoid``; one JSON line.
 """
@@ -27,6 +29,7 @@ import json
 import os
 import platform
 import resource
+import time
 from importlib.metadata import version
 
 import jax
@@ -61,13 +64,21 @@ def measure(
         meta_batch=meta_batch,
         filters=filters,
     )
+    tune_s, source = None, "given"
     if batching != "auto":
         state = state.replace(batching=batching, chunk_size=None)
+    elif state.batching == "auto" and state.chunk_size is None:
+        # As fit does: the chunk size measured on this machine (cached per machine
+        # and program, so only the first run of an alternating series measures).
+        t0 = time.perf_counter()
+        choice = maml_jax.tune_batching(
+            state.learner, state.meta_params, sampler(jax.random.key(0))
+        )
+        tune_s, source = time.perf_counter() - t0, choice.source
+        state = state.replace(batching=choice.batching, chunk_size=choice.chunk_size)
     compile_s, times, temp_mb = time_sampled_step(state, sampler, steps, steps_per_call)
     median = float(np.median(times))
     batching, chunk = state.batching, state.chunk_size
-    if batching == "auto":
-        batching, chunk = maml_jax.auto_batching(sampler(jax.random.key(0)))
     return {
         "impl": ("maml_jax" if steps_per_call == 1 else "maml_jax-scan")
         + ("-bf16" if precision == "bfloat16" else ""),
@@ -91,6 +102,8 @@ def measure(
         "formulation": {
             "batching": batching,
             "chunk_size": chunk,
+            "batching_choice": source,
+            "tune_s": tune_s,
             "conv_impl": conv_impl,
             "backend": jax.default_backend(),
         },

@@ -135,6 +135,13 @@ def _train_parser(sub) -> None:
     )
     p.add_argument("--batching", choices=("auto", "vmap", "scan", "unroll"))
     p.add_argument(
+        "--no-autotune",
+        action="store_true",
+        help="a new CPU run without --batching/--chunk-size takes the chunk size "
+        "from a fixed rule instead of timing the candidates on one batch (the "
+        "timing is cached per machine and program; also $MAML_JAX_AUTOTUNE=0)",
+    )
+    p.add_argument(
         "--on-nonfinite",
         choices=("stop", "skip"),
         help="a step with a NaN/inf meta-loss or meta-gradient: stop training "
@@ -176,6 +183,7 @@ def _run_train(args) -> None:
             "out",
             "resume",
             "no_progress",
+            "no_autotune",
             "debug",
             "shard",
             "distributed",
@@ -210,6 +218,7 @@ def _run_train(args) -> None:
         resume=args.resume,
         progress=not args.no_progress,
         shard=shard,
+        autotune=False if args.no_autotune else None,
         **(changes if args.resume else {}),
     )
     skipped = int(state.skipped_steps)

@@ -160,7 +160,11 @@ class FewShotConfig:
     precision: str = "float32"  # or "bfloat16": compute dtype of Conv4
     conv_impl: str | None = None  # None: ops.resolve_conv_impl("auto")
     batching: str | None = None  # None: "scan" on CPU, "vmap" elsewhere
-    chunk_size: int | None = None  # None: core.cpu_chunk_size for "scan"
+    chunk_size: int | None = None  # None: measured by `train` (maml_jax.autotune)
+    # How `train` chose batching and chunk_size: "given" (options), "measured" or
+    # "cache" (maml_jax.autotune), "rule" (core.auto_batching's; None in runs
+    # written before it was recorded).
+    batching_choice: str | None = None
     eval_every: int = 1000
     val_episodes: int = 200
     checkpoint_every: int = 1000

@@ -137,6 +137,7 @@ def train(
     steps_per_call: int | None = None,
     eval_every: int | None = None,
     checkpoint_every: int | None = None,
+    autotune: bool | None = None,
 ) -> maml_jax.MetaTrainState:
     """Meta-trains (or resumes) a run in directory ``out``.
 
@@ -166,6 +167,13 @@ def train(
     and processes its share of the tasks, and only process 0 writes the config,
     the metrics log and the plot (checkpoints are written collectively by orbax).
 
+    A new run on CPU whose configuration leaves ``batching`` and ``chunk_size``
+    open measures the chunk size (``maml_jax.autotune.tune_batching`` on one
+    training batch; ``autotune=False``, or ``$MAML_JAX_AUTOTUNE=0``, takes
+    ``core.auto_batching``'s rule instead). ``config.json`` records the choice
+    (``chunk_size``, ``batching_choice``) and ``autotune.json`` the timings; a
+    resumed run keeps the recorded choice.
+
     The whole configuration is validated before anything is written in ``out``;
     then (process 0) takes ``out``'s lock for the whole training
     (``run_lock.RunLockedError`` if another ``train`` holds it).
@@ -194,9 +202,14 @@ def train(
         config = dataclasses.replace(config, **changes)
     config.validate()
     data_dir = data_folder(config, data_dir, out if resume else None)
+    tune = False
     if not resume:
+        given = config.batching not in (None, "auto") or config.chunk_size is not None
         recorded = config = config.resolved(shard=shard)
         config.validate()  # what "auto" resolved to, e.g. the chunk size
+        choice = "given" if given else "rule"
+        recorded = config = dataclasses.replace(config, batching_choice=choice)
+        tune = not given and config.batching == "scan" and autotune is not False
     write_config = not resume or recorded.data_dir != str(data_dir)
     recorded = dataclasses.replace(recorded, data_dir=str(data_dir))
     config = dataclasses.replace(config, data_dir=str(data_dir))
@@ -230,6 +243,7 @@ def train(
             write_config=write_config,
             progress=progress,
             mesh=mesh,
+            tune=tune,
         )
 
 
@@ -243,10 +257,12 @@ def _train_locked(
     write_config: bool,
     progress: bool,
     mesh,
+    tune: bool = False,
 ) -> maml_jax.MetaTrainState:
     """``train`` once ``config`` is valid and ``out`` is locked.
 
-    ``recorded`` is what ``config.json`` holds (without this call's changes).
+    ``recorded`` is what ``config.json`` holds (without this call's changes);
+    ``tune``: measure the chunk size (a new CPU run that left it open).
     """
     config_path = out / "config.json"
     primary = sharding.is_primary()
@@ -271,6 +287,31 @@ def _train_locked(
         chunk_size=config.chunk_size,
         model_state=model_state,
     )
+    train_data = jnp.asarray(train_data)
+    if tune:
+        choice = maml_jax.autotune.tune_batching(
+            learner,
+            state.meta_params,
+            episodes.sample_episodes(
+                jax.random.key(config.seed),
+                train_data,
+                config.train_spec,
+                config.meta_batch,
+            ),
+            state=state.model_state,
+            outer_step=state.step,
+        )
+        chosen = dict(
+            batching=choice.batching,
+            chunk_size=choice.chunk_size,
+            batching_choice=choice.source,
+        )
+        config = dataclasses.replace(config, **chosen)
+        recorded = dataclasses.replace(recorded, **chosen)
+        state = state.replace(batching=choice.batching, chunk_size=choice.chunk_size)
+        if primary and choice.source != "rule":
+            _write_atomic(out / "autotune.json", json.dumps(choice.as_dict(), indent=2))
+            print(_tuned_line(choice), file=sys.stderr)
     if write_config and primary:  # the run exists once all of it is known to work
         _write_atomic(config_path, json.dumps(dataclasses.asdict(recorded), indent=2))
     metrics_path = out / "metrics.jsonl"
@@ -287,7 +328,6 @@ def _train_locked(
     elif resume and primary:
         metrics_path.unlink(missing_ok=True)
 
-    train_data = jnp.asarray(train_data)
     val_tasks = _sample_episodes(
         jax.random.key(config.seed + 1),
         jnp.asarray(val_data),
@@ -464,6 +504,20 @@ def format_results(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _tuned_line(choice) -> str:
+    """One line: what was measured (or found cached) and chosen."""
+    times = ", ".join(
+        f"{chunk}: {seconds * 1e3:.0f} ms"
+        for chunk, seconds in choice.step_seconds.items()
+    )
+    how = "measured" if choice.source == "measured" else "cached for this machine"
+    return (
+        f"task batching: scan in chunks of {choice.chunk_size} tasks, the fastest "
+        f"meta-gradient of chunk sizes {times} ({how}; --no-autotune uses a fixed "
+        f"rule)."
+    )
+
+
 def _config_dict(config: FewShotConfig) -> dict:
     """The fields a checkpoint must agree on (the run length may change).
 
@@ -487,6 +541,7 @@ def _config_dict(config: FewShotConfig) -> dict:
         "on_nonfinite",
         "pre_adaptation_query",
         "data_dir",
+        "batching_choice",
     ):
         fields.pop(free)
     return fields
