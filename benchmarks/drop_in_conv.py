@@ -12,8 +12,9 @@ statistics, 28×28×1) written from Flax layers as a user would, and a ResNet-12
 64-160-320-640, three 3×3 convolutions and a 1×1 shortcut per block, 32×32×3 as on
 CIFAR-FS). Inputs are random (the speed of a step does not depend on them).
 
-Command: ``python benchmarks/drop_in_conv.py [--meta-batch 8] [--repeats 5]``; one JSON
-line per measurement and a table. ``--smoke``: a small Conv4, default batching only.
+Command: ``python -m benchmarks.drop_in_conv [--meta-batch 8] [--repeats 5] [--networks
+conv4] [--convs maml_jax.layers.Conv]``; one JSON line per measurement and a table.
+``--smoke``: a small Conv4, default batching only.
 """
 
 from __future__ import annotations
@@ -154,6 +155,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--queries", type=int, default=5)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--networks", nargs="+", default=list(NETWORKS))
+    p.add_argument("--convs", nargs="+", default=list(CONVS), choices=list(CONVS))
     p.add_argument(
         "--cache-dir",
         type=Path,
@@ -180,7 +182,7 @@ def main(argv=None) -> list[dict]:
     print(json.dumps({"machine": machine}), flush=True)
     rows = []
     for network in args.networks:
-        for conv_name in CONVS:
+        for conv_name in args.convs:
             for batching, chunk in formulations:
                 row = time_network(network, conv_name, batching, chunk, args)
                 print(json.dumps(row), flush=True)

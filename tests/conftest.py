@@ -3,8 +3,20 @@
 import os
 from pathlib import Path
 
-import jax
-import pytest
+# Set before jax starts its backend, and inherited by the processes the tests
+# start. The suite compiles many hundreds of programs and runs each a few times,
+# and LLVM's optimisation passes are most of XLA:CPU's compile time: the tests
+# compile without them (the same operations, less optimised machine code; the
+# benchmarks and users' programs compile with them).
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = " ".join(
+        filter(
+            None, [os.environ.get("XLA_FLAGS"), "--xla_backend_optimization_level=0"]
+        )
+    )
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")

@@ -28,6 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "_distributed_worker.py"
 TIMEOUT_S = 150
 RTOL, ATOL = 1e-5, 1e-6  # float32; sharding only regroups the gradient sum
+# One worker runs the module, so its module fixture is computed once under
+# pytest-xdist (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group("sharding")
 
 EIGHT_DEVICES = r"""
 import json, re
@@ -35,10 +38,6 @@ import jax, jax.numpy as jnp, numpy as np, optax
 jax.config.update("jax_numpy_rank_promotion", "raise")
 import maml_jax
 from maml_jax import sharding, train
-
-# One worker runs the module, so its module fixture is computed once under
-# pytest-xdist (--dist loadgroup).
-pytestmark = pytest.mark.xdist_group("sharding")
 
 META_BATCH, STEPS = 8, 3
 model = maml_jax.MLP((16, 16))
