@@ -234,7 +234,7 @@ def tune_batching(
     path = path / f"{key}.json"
     cached = _read(path)
     if cached is not None:
-        return BatchingChoice.from_dict(cached, "cache")
+        return cached
 
     step_seconds, compile_seconds = {}, {}
     for chunk in chunks:
@@ -255,14 +255,12 @@ def tune_batching(
     return choice
 
 
-def _read(path: Path) -> dict[str, Any] | None:
-    """A cached record, or ``None`` if absent or unreadable (then re-measured)."""
+def _read(path: Path) -> BatchingChoice | None:
+    """The cached choice, or ``None`` if absent or unreadable (then re-measured)."""
     try:
-        record = json.loads(path.read_text())
-        BatchingChoice.from_dict(record, "cache")
+        return BatchingChoice.from_dict(json.loads(path.read_text()), "cache")
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
-    return record
 
 
 def _write(path: Path, record: dict[str, Any]) -> None:
